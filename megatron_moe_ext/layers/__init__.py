@@ -1,0 +1,1 @@
+"""Layers that fill Megatron's spec slots (norms, routers, experts, MLP replacements)."""

@@ -1,0 +1,324 @@
+"""Run real megatron-core 0.19.2 code on CPU with gloo.
+
+megatron-core assumes CUDA in many places. ``enable_cpu_runtime()`` covers each of them so that
+GPTModel with MoE layers, both token dispatchers (allgather, alltoall), TP with sequence parallelism,
+EP, PP, DDP with the DistributedOptimizer, ``finalize_model_grads``, torch_dist checkpoints and
+``megatron.training.pretrain`` run unchanged on CPU. Nothing is enabled on import, and it refuses to
+run where CUDA is available or with a megatron-core release it was not verified against.
+
+Call sites covered, and why (``mc`` = megatron/core, ``mt`` = megatron/training, 0.19.2):
+
+1. ``device='cuda'`` literals and ``torch.cuda.current_device()`` used as a device: optimizers
+   (``mc/optimizer/optimizer.py`` found_inf/_scale, ``grad_scaler.py``, ``clip_grads.py``), DDP
+   warm-up (``param_and_grad_buffer.py``), ``mt/training.py`` start-time all-reduces,
+   ``mt/checkpointing.py`` iteration all-reduce, RoPE (``rotary_pos_embedding.py``), model
+   construction. A ``TorchFunctionMode`` (``_CpuDeviceMode``) rewrites every CUDA device argument
+   of a torch call to ``cpu`` and makes ``Tensor.cuda()`` a no-op; ``torch.cuda.current_device()``
+   returns 0, which the mode maps to ``cpu`` like any CUDA index.
+2. ``Tensor.type()`` string checks (``distrib_optimizer.py:401/466``, ``optimizer.py:1009/1028``,
+   ``clip_grads.py:174``) accept only ``torch.cuda.*Tensor``: the mode reports CPU tensors'
+   types with the ``torch.cuda.`` prefix (only the no-argument form; conversions are untouched).
+3. ``torch.cuda.device_count()`` gates model-parallel initialisation and RNG seeding
+   (``mt/initialize.py:270,358,447``): it returns 1 and ``set_device`` is a no-op. We do *not*
+   fake ``torch.cuda.is_available()``: torch.compile/dynamo and many fast paths key on it.
+4. Streams, events and synchronisation (``token_dispatcher``, DDP overlap, timers): host-side
+   no-op stand-ins (CPU kernels are synchronous).
+5. The CUDA RNG tracker (``mc/tensor_parallel/random.py``: ``_get_cuda_rng_state``,
+   ``_set_cuda_rng_state``, ``torch.cuda.get_rng_state/set_rng_state/manual_seed``, and
+   ``mt/checkpointing.py`` rng state): all map to the CPU generator, the one that CPU kernels
+   draw from, so ``tracker.fork()`` really switches the stream that dropout and init use and a
+   checkpoint's saved "cuda" RNG state is the one that matters on resume. The tracker's warning
+   "CPU RNG state changed within GPU RNG context" is then expected and filtered.
+6. alltoall split sizes (``token_dispatcher.py:913`` -> ``mc/tensor_parallel/mappings.py:450``):
+   ``maybe_move_tensor_to_cpu(as_numpy=True)`` converts only CUDA tensors, so on CPU the splits
+   reach ``dist.all_to_all_single`` as tensors, which its binding rejects. We wrap
+   ``torch.distributed.all_to_all_single`` to pass tensor split sizes as lists.
+7. ``initialize_megatron`` asserts CUDA unless ``allow_no_cuda=True`` (``mt/initialize.py:64``);
+   ``pretrain`` calls it without that flag, so ``mt.training.initialize_megatron`` gets it bound.
+   ``set_jit_fusion_options`` warms fusions up on ``device="cuda"`` with nvfuser settings: skipped.
+   ``compile_helpers`` runs ``make`` on dataset helpers the wheel ships prebuilt without their
+   Makefile, so rank 0 would exit: skipped (the prebuilt ``helpers_cpp`` is used).
+8. DistributedOptimizer resume without TE/apex (``distrib_optimizer.py:838``): torch Adam keeps
+   ``step`` per parameter, but the optimizer's ``init_state_fn`` (used at load to build the state
+   layout) creates ``exp_avg``/``exp_avg_sq`` without it, so ``state_dict()`` asserts
+   ``len(steps) == 1`` on an empty list. We complete the initialised state with ``step = 0``
+   (what torch Adam itself would create); ``load_state_dict`` then overwrites it with the saved step.
+9. Custom autograd ``backward()`` methods (e.g. ``mappings.py:145`` allocating the SP all-gather
+   output on ``torch.cuda.current_device()``) are run by the autograd engine outside the caller's
+   torch-function mode stack, so ``BackwardCFunction.apply`` is wrapped to enter the mode too.
+10. Torch distributed checkpointing's ``state_dict_saver`` calls ``torch.cuda.current_device()``
+   for its metadata exchange: covered by (1).
+
+No built-in norm supports sequence parallelism without TE/apex (``WrappedTorchNorm`` asserts);
+that is a layer, not a runtime shim: see ``megatron_moe_ext.layers.norms``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import threading
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+from megatron_moe_ext._compat import check_megatron_core_version
+
+__all__ = ["enable_cpu_runtime", "cpu_runtime_enabled", "init_gloo_from_env"]
+
+_LOCK = threading.Lock()
+_ENABLED = False
+_MODE: TorchFunctionMode | None = None
+
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+    torch.float64: "torch.cuda.DoubleTensor",
+    torch.int64: "torch.cuda.LongTensor",
+    torch.int32: "torch.cuda.IntTensor",
+    torch.uint8: "torch.cuda.ByteTensor",
+    torch.bool: "torch.cuda.BoolTensor",
+}
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int is a CUDA ordinal in torch's device arguments.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CpuDeviceMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU; see the module docstring, items 1 and 2."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            tensor = args[0]
+            name = _CUDA_TYPE_NAMES.get(tensor.dtype)
+            if name is not None and tensor.device.type == "cpu":
+                return name
+        elif func is torch.Tensor.cuda:
+            return args[0]
+        elif func is torch.Tensor.to:
+            if args[1:] and _is_cuda_device(args[1]):
+                args = (args[0], "cpu", *args[2:])
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Host-side stand-in for ``torch.cuda.Stream``: CPU ops complete before they return."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> "_NullEvent":
+        return event if event is not None else _NullEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def __enter__(self) -> "_NullStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+class _NullEvent:
+    """Host-side stand-in for ``torch.cuda.Event``, timing with the host clock."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._t = 0.0
+
+    def record(self, stream: Any = None) -> None:
+        import time
+
+        self._t = time.perf_counter()
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: "_NullEvent") -> float:
+        return (end._t - self._t) * 1000.0
+
+
+_NULL_STREAM = _NullStream()
+
+
+def _all_to_all_single_lists(original):
+    @functools.wraps(original)
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, *args, **kwargs):
+        if isinstance(output_split_sizes, torch.Tensor):
+            output_split_sizes = output_split_sizes.tolist()
+        if isinstance(input_split_sizes, torch.Tensor):
+            input_split_sizes = input_split_sizes.tolist()
+        return original(output, input, output_split_sizes, input_split_sizes, *args, **kwargs)
+
+    all_to_all_single._megatron_moe_ext_wrapped = True  # type: ignore[attr-defined]
+    return all_to_all_single
+
+
+class _RngWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.device_count = lambda: 1
+    cuda.current_device = lambda: 0
+    cuda.set_device = lambda device: None
+    cuda.synchronize = lambda device=None: None
+    cuda.empty_cache = lambda: None
+    cuda.Stream = _NullStream  # type: ignore[misc]
+    cuda.Event = _NullEvent  # type: ignore[misc]
+    cuda.current_stream = lambda device=None: _NULL_STREAM
+    cuda.default_stream = lambda device=None: _NULL_STREAM
+    cuda.stream = lambda stream=None: contextlib.nullcontext()
+    cuda.set_stream = lambda stream: None
+    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all (a lazy no-op without CUDA), so
+    # only the single-device seed is redirected, straight to the CPU generator.
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.memory_allocated = lambda device=None: 0
+    cuda.max_memory_allocated = lambda device=None: 0
+    cuda.memory_reserved = lambda device=None: 0
+    cuda.max_memory_reserved = lambda device=None: 0
+    cuda.is_current_stream_capturing = lambda: False
+    torch.nn.Module.cuda = lambda self, device=None: self  # type: ignore[method-assign]
+
+
+def _patch_autograd_backward() -> None:
+    original = torch.autograd.function.BackwardCFunction.apply
+
+    @functools.wraps(original)
+    def apply(self, *args):
+        if torch._C._len_torch_function_stack() > 0:
+            return original(self, *args)
+        with _CpuDeviceMode():
+            return original(self, *args)
+
+    torch.autograd.function.BackwardCFunction.apply = apply
+
+
+def _patch_megatron() -> None:
+    from megatron.core.datasets import utils as datasets_utils
+    from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.tensor_parallel import random as mp_random
+    from megatron.training import initialize, training
+
+    # (5) RNG tracker on the CPU generator.
+    def _get_rng_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def _set_rng_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    mp_random._get_cuda_rng_state = _get_rng_state
+    mp_random._set_cuda_rng_state = _set_rng_state
+    logging.getLogger(mp_random.__name__).addFilter(_RngWarningFilter())
+
+    # (7) initialisation.
+    training.initialize_megatron = functools.partial(initialize.initialize_megatron, allow_no_cuda=True)
+    training.set_jit_fusion_options = lambda *a, **k: None
+    initialize.set_jit_fusion_options = lambda *a, **k: None
+    datasets_utils.compile_helpers = lambda: None
+
+    # (8) DistributedOptimizer resume with torch Adam: complete init_state_fn's state with 'step'.
+    original_init = distrib_optimizer.DistributedOptimizer.__init__
+
+    @functools.wraps(original_init)
+    def __init__(self, optimizer, config, grad_scaler, init_state_fn, *args, **kwargs):
+        if init_state_fn is not None and isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            init_state_fn = _with_adam_step(init_state_fn)
+        original_init(self, optimizer, config, grad_scaler, init_state_fn, *args, **kwargs)
+
+    distrib_optimizer.DistributedOptimizer.__init__ = __init__
+
+
+def _with_adam_step(init_state_fn):
+    @functools.wraps(init_state_fn)
+    def init_state_with_step(opt, config=None):
+        init_state_fn(opt, config)
+        for group in opt.param_groups:
+            for p in group["params"]:
+                state = opt.state[p]
+                if state and "step" not in state:
+                    state["step"] = torch.tensor(0.0)
+
+    return init_state_with_step
+
+
+def cpu_runtime_enabled() -> bool:
+    """True once ``enable_cpu_runtime()`` has run in this process."""
+    return _ENABLED
+
+
+def enable_cpu_runtime(*, allow_with_cuda: bool = False) -> None:
+    """Let megatron-core run on CPU with gloo in this process. Idempotent.
+
+    Call it before building models or calling ``megatron.training.pretrain``. It raises
+    ValueError for an unsupported megatron-core release, and RuntimeError when CUDA is available
+    (a GPU job must never silently run on CPU) unless ``allow_with_cuda=True``.
+    """
+    global _ENABLED, _MODE
+    with _LOCK:
+        if _ENABLED:
+            return
+        check_megatron_core_version()
+        if torch.cuda.is_available() and not allow_with_cuda:
+            raise RuntimeError(
+                "CUDA is available: megatron_moe_ext will not switch megatron-core to its CPU runtime. "
+                "Fix: run on the GPU (do not call enable_cpu_runtime), or pass allow_with_cuda=True "
+                "to force CPU execution."
+            )
+        _patch_torch_cuda()
+        if not getattr(dist.all_to_all_single, "_megatron_moe_ext_wrapped", False):
+            dist.all_to_all_single = _all_to_all_single_lists(dist.all_to_all_single)
+        _patch_megatron()
+        _patch_autograd_backward()
+        _MODE = _CpuDeviceMode()
+        # Entered for the life of the process: the device literals sit deep in Megatron's calls.
+        _MODE.__enter__()
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+        _ENABLED = True
+
+
+def init_gloo_from_env(timeout_s: float = 300.0) -> None:
+    """Initialise the default process group with gloo from torchrun-style environment variables."""
+    import datetime
+
+    if dist.is_initialized():
+        return
+    dist.init_process_group(
+        backend="gloo",
+        rank=int(os.environ.get("RANK", "0")),
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )

@@ -1,0 +1,58 @@
+"""Layer and block specs for Megatron's GPTModel.
+
+``local_gpt_block_spec`` is Megatron's own local (non-TE) decoder block spec, with every norm
+replaced by ``SequenceParallelTorchNorm`` so that sequence parallelism works without TE/apex. It has
+the ``(config, vp_stage=None)`` signature that ``GPTModelConfig.transformer_layer_spec`` accepts as
+a callable (megatron/training/models/gpt.py), so the train entry, the launcher and tests share it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_moe_ext.layers.norms import SequenceParallelTorchNorm
+
+
+_REPLACEABLE_NORMS: tuple[type, ...] = (WrappedTorchNorm,)
+try:  # apex's norm, when apex is installed, is what the local spec picks instead
+    from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+
+    _REPLACEABLE_NORMS += (FusedLayerNorm,)
+except ImportError:
+    pass
+
+
+def _with_norm(layer_spec: ModuleSpec, norm: type) -> ModuleSpec:
+    sub = layer_spec.submodules
+    attn = sub.self_attention
+    attn_sub = attn.submodules
+    # Only the torch/apex norms are swapped; IdentityOp and L2Norm (no parameters) stay.
+    replacements = {
+        name: norm
+        for name in ("q_layernorm", "k_layernorm")
+        if getattr(attn_sub, name, None) in _REPLACEABLE_NORMS
+    }
+    attn = dataclasses.replace(attn, submodules=dataclasses.replace(attn_sub, **replacements))
+    new_sub = dataclasses.replace(
+        sub,
+        input_layernorm=IdentityOp if sub.input_layernorm is IdentityOp else norm,
+        pre_mlp_layernorm=IdentityOp if sub.pre_mlp_layernorm is IdentityOp else norm,
+        self_attention=attn,
+    )
+    return dataclasses.replace(layer_spec, submodules=new_sub)
+
+
+def local_gpt_block_spec(config: TransformerConfig, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """Megatron's local GPT decoder block spec with sequence-parallel-capable torch norms."""
+    block = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=False, normalization=config.normalization, vp_stage=vp_stage
+    )
+    layers = [_with_norm(spec, SequenceParallelTorchNorm) for spec in block.layer_specs]
+    return dataclasses.replace(block, layer_specs=layers, layer_norm=SequenceParallelTorchNorm)
