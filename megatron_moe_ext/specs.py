@@ -50,7 +50,11 @@ def _with_norm(layer_spec: ModuleSpec, norm: type) -> ModuleSpec:
 
 
 def local_gpt_block_spec(config: TransformerConfig, vp_stage: int | None = None) -> TransformerBlockSubmodules:
-    """Megatron's local GPT decoder block spec with sequence-parallel-capable torch norms."""
+    """Megatron's local GPT decoder block spec with sequence-parallel-capable torch norms.
+
+    ``config`` is a TransformerConfig, or a ``GPTModelConfig`` (whose builder passes itself).
+    """
+    config = getattr(config, "transformer", config)
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=False, normalization=config.normalization, vp_stage=vp_stage
     )

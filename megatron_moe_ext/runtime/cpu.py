@@ -40,9 +40,18 @@ Call sites covered, and why (``mc`` = megatron/core, ``mt`` = megatron/training,
    Makefile, so rank 0 would exit: skipped (the prebuilt ``helpers_cpp`` is used).
 8. DistributedOptimizer resume without TE/apex (``distrib_optimizer.py:838``): torch Adam keeps
    ``step`` per parameter, but the optimizer's ``init_state_fn`` (used at load to build the state
-   layout) creates ``exp_avg``/``exp_avg_sq`` without it, so ``state_dict()`` asserts
-   ``len(steps) == 1`` on an empty list. We complete the initialised state with ``step = 0``
-   (what torch Adam itself would create); ``load_state_dict`` then overwrites it with the saved step.
+   layout) creates ``exp_avg``/``exp_avg_sq`` without it, and at resume ``state_dict()`` is called
+   before any step, with no state at all, so it asserts ``len(steps) == 1`` on an empty list. We
+   complete ``init_state_fn``'s state with ``step = 0`` and run it when ``state_dict()`` finds the
+   state empty: that is exactly the state torch Adam creates on its first step, and
+   ``load_state_dict`` then overwrites it with the saved values. With fp32 params the resume then
+   copies the saved values into main params that are views of leaf parameters requiring grad
+   (``distrib_optimizer.py:1225``), which autograd forbids outside ``no_grad``: that method runs
+   under ``torch.no_grad()`` (a state copy has no gradient meaning). Finally the restored Adam
+   ``step`` is wrong twice over: the per-parameter value is copied back as 0 from the bucket state,
+   and ``load_state_dict`` gives all parameters one shared step tensor, which torch Adam's foreach
+   update increments once per parameter. After loading, each parameter gets its own step tensor
+   holding the checkpoint's ``param_groups`` step.
 9. Custom autograd ``backward()`` methods (e.g. ``mappings.py:145`` allocating the SP all-gather
    output on ``torch.cuda.current_device()``) are run by the autograd engine outside the caller's
    torch-function mode stack, so ``BackwardCFunction.apply`` is wrapped to enter the mode too.
@@ -260,6 +269,45 @@ def _patch_megatron() -> None:
         original_init(self, optimizer, config, grad_scaler, init_state_fn, *args, **kwargs)
 
     distrib_optimizer.DistributedOptimizer.__init__ = __init__
+
+    original_state_dict = distrib_optimizer.DistributedOptimizer.state_dict
+
+    @functools.wraps(original_state_dict)
+    def state_dict(self):
+        # At resume, the checkpoint layout is built before any step: torch Adam has no state yet.
+        if (
+            not distrib_optimizer.HAVE_APEX_OR_TE
+            and self.init_state_fn is not None
+            and isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW))
+            and len(self.optimizer.state) == 0
+        ):
+            self.init_state_fn(self.optimizer, self.config)
+        return original_state_dict(self)
+
+    distrib_optimizer.DistributedOptimizer.state_dict = state_dict
+
+    # (8c) torch Adam's 'step' after a resume: the checkpoint's param_groups hold the true step,
+    # but the per-parameter copy comes back 0 from the bucket state, and Megatron hands every
+    # parameter one shared tensor (torch Adam's foreach update would then add 1 per parameter).
+    original_load = distrib_optimizer.DistributedOptimizer.load_state_dict
+
+    @functools.wraps(original_load)
+    def load_state_dict(self, state_dict):
+        original_load(self, state_dict)
+        if distrib_optimizer.HAVE_APEX_OR_TE or not isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            return
+        steps = {g["step"] for g in state_dict["optimizer"]["param_groups"] if "step" in g}
+        if len(steps) == 1:
+            step = float(steps.pop())
+            for state in self.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = torch.tensor(step)
+
+    distrib_optimizer.DistributedOptimizer.load_state_dict = load_state_dict
+
+    # (8b) fp32 resume copies checkpoint values into the main params, leaf views that require grad.
+    setter = distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states
+    distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states = torch.no_grad()(setter)
 
 
 def _with_adam_step(init_state_fn):

@@ -1,0 +1,258 @@
+"""``megatron-moe-ext train``: Megatron's own pretraining loop, on CPU or GPU, with our model specs.
+
+The launcher half runs once, before any process group exists: it validates the parallel layout,
+the data and the checkpoint directory (so bad input fails once, clearly, on "rank 0" before any
+rank starts), prepares data (the embedded default corpus, or raw text files), and then starts the
+ranks with torchrun (on CPU: ``--nproc`` gloo ranks on this machine). Under an existing launcher
+(``RANK`` set, e.g. torchrun or SLURM), it runs the rank half directly.
+
+The rank half (``rank_main``) is ``megatron.training.pretrain`` with Megatron's flags unchanged, a
+GPT config built by Megatron's own ``gpt_config_from_args``, our forward step and dataset provider,
+and, without Transformer Engine, the local spec with sequence-parallel-capable norms.
+
+With no ``--data-path`` (and no ``--mock-data``) it trains the embedded default: a tiny MoE GPT on
+the Python standard library's sources, byte-level, EP=2 with the alltoall dispatcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Sequence
+
+import torch
+
+from megatron_moe_ext.training import data as data_lib
+
+# Flags every CPU run needs: the local (non-TE) implementation, gloo, and no CUDA-only fusions.
+CPU_ARGS: tuple[str, ...] = (
+    "--transformer-impl", "local",
+    "--distributed-backend", "gloo",
+    "--no-gradient-accumulation-fusion",
+    "--no-rope-fusion",
+    "--no-persist-layer-norm",
+    "--no-masked-softmax-fusion",
+    "--no-bias-gelu-fusion",
+    "--no-bias-dropout-fusion",
+    "--no-bias-swiglu-fusion",
+    "--num-workers", "0",
+)
+
+# The embedded default model: small enough for 2 CPU cores, big enough that the loss visibly falls.
+DEFAULT_MODEL_ARGS: tuple[str, ...] = (
+    "--num-layers", "2",
+    "--hidden-size", "64",
+    "--ffn-hidden-size", "256",
+    "--num-attention-heads", "4",
+    "--seq-length", "128",
+    "--max-position-embeddings", "128",
+    "--position-embedding-type", "rope",
+    "--normalization", "RMSNorm",
+    "--swiglu",
+    "--disable-bias-linear",
+    "--untie-embeddings-and-output-weights",
+    "--hidden-dropout", "0",
+    "--attention-dropout", "0",
+    "--num-experts", "4",
+    "--moe-router-topk", "2",
+    "--moe-token-dispatcher-type", "alltoall",
+    "--moe-router-load-balancing-type", "aux_loss",
+    "--moe-aux-loss-coeff", "1e-2",
+    "--moe-z-loss-coeff", "1e-3",
+    "--expert-model-parallel-size", "2",
+    "--micro-batch-size", "8",
+    "--global-batch-size", "16",
+    "--train-iters", "120",
+    "--lr", "5e-3",
+    "--min-lr", "5e-4",
+    "--lr-decay-style", "cosine",
+    "--lr-warmup-iters", "10",
+    "--weight-decay", "0.01",
+    "--clip-grad", "1.0",
+    "--use-distributed-optimizer",
+    "--seed", "1234",
+    "--split", "98,1,1",
+    "--eval-interval", "60",
+    "--eval-iters", "2",
+    "--log-interval", "1",
+    "--log-throughput",
+    "--save-interval", "120",
+    "--ckpt-format", "torch_dist",
+    "--tokenizer-type", "NullTokenizer",
+    "--vocab-size", str(data_lib.VOCAB_SIZE),
+)
+DEFAULT_SAVE_DIR = os.path.join("runs", "demo", "checkpoints")
+
+
+def default_cache_dir() -> str:
+    """Where built datasets are cached (``$MEGATRON_MOE_EXT_CACHE`` or ~/.cache/megatron_moe_ext)."""
+    return os.environ.get("MEGATRON_MOE_EXT_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "megatron_moe_ext"
+    )
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Our flags for the train entry, added to Megatron's parser through ``extra_args_provider``."""
+    group = parser.add_argument_group(title="megatron-moe-ext train")
+    group.add_argument(
+        "--ext-loss-log",
+        type=str,
+        default=None,
+        help="Append each micro-batch's exact loss sum and token count to PATH.rankN (JSON lines).",
+    )
+    return parser
+
+
+def _launcher_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-moe-ext train",
+        description="Megatron pretraining with megatron-moe-ext. Every Megatron flag is accepted unchanged.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--nproc", type=int, default=None, help="ranks to start on this machine (CPU default 2; GPU: one per GPU)")
+    parser.add_argument("--cache-dir", default=None, help="dataset cache (default $MEGATRON_MOE_EXT_CACHE or ~/.cache/megatron_moe_ext)")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the rank command, start nothing")
+    return parser
+
+
+def _flag(argv: Sequence[str], name: str, default: str | None = None) -> str | None:
+    """Last value of ``--name VALUE`` or ``--name=VALUE`` in argv (argparse's last-wins rule)."""
+    value = default
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _flag_values(argv: Sequence[str], name: str) -> list[str] | None:
+    """Values of a nargs='*' flag (up to the next ``--flag``), last occurrence wins."""
+    values = None
+    for i, arg in enumerate(argv):
+        if arg == name:
+            values = []
+            for item in argv[i + 1 :]:
+                if item.startswith("--"):
+                    break
+                values.append(item)
+    return values
+
+
+def _int_flag(argv: Sequence[str], name: str, default: int) -> int:
+    value = _flag(argv, name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} {value!r} is not an integer") from None
+
+
+def validate_layout(argv: Sequence[str], world_size: int) -> None:
+    """Raise ValueError if the parallel sizes in ``argv`` cannot tile ``world_size`` ranks."""
+    tp = _int_flag(argv, "--tensor-model-parallel-size", 1)
+    pp = _int_flag(argv, "--pipeline-model-parallel-size", 1)
+    cp = _int_flag(argv, "--context-parallel-size", 1)
+    ep = _int_flag(argv, "--expert-model-parallel-size", 1)
+    etp = _int_flag(argv, "--expert-tensor-parallel-size", tp)
+    for name, value in (("tensor", tp), ("pipeline", pp), ("context", cp), ("expert", ep), ("expert-tensor", etp)):
+        if value < 1:
+            raise ValueError(f"--{name}-model-parallel-size={value} must be >= 1")
+    if world_size % (tp * pp * cp):
+        raise ValueError(
+            f"world size {world_size} is not divisible by TP*PP*CP = {tp}*{pp}*{cp} = {tp * pp * cp}; "
+            f"fix: use --nproc a multiple of {tp * pp * cp} or smaller parallel sizes"
+        )
+    if world_size % (etp * ep * pp):
+        raise ValueError(
+            f"world size {world_size} is not divisible by ETP*EP*PP = {etp}*{ep}*{pp} = {etp * ep * pp}; "
+            f"fix: use --nproc a multiple of {etp * ep * pp} or a smaller --expert-model-parallel-size"
+        )
+    experts = _flag(argv, "--num-experts")
+    if experts is not None and int(experts) % ep:
+        raise ValueError(
+            f"--num-experts {experts} is not divisible by --expert-model-parallel-size {ep}; "
+            f"fix: choose a number of experts that is a multiple of {ep}"
+        )
+
+
+def check_save_dir(path: str) -> None:
+    """Raise ValueError unless ``path`` can be created and written (checked before training)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"checkpoint directory --save {path!r} is not writable ({err.strerror or err}); "
+            "fix: pass a --save directory you can write to"
+        ) from None
+
+
+def prepare_argv(user_argv: Sequence[str], *, cache_dir: str, cpu: bool) -> list[str]:
+    """The full Megatron argv the ranks run: CPU flags, the embedded default if no data was
+    given, then the user's flags (last wins, so the user overrides any default)."""
+    user_argv = list(user_argv)
+    argv: list[str] = list(CPU_ARGS) if cpu else []
+    data_path = _flag_values(user_argv, "--data-path")
+    per_split = any(_flag_values(user_argv, f) for f in ("--train-data-path", "--valid-data-path", "--test-data-path"))
+    mock = "--mock-data" in user_argv
+    if not data_path and not per_split and not mock:
+        prefix = data_lib.build_default_dataset(os.path.join(cache_dir, "data"))
+        argv += DEFAULT_MODEL_ARGS
+        argv += ["--data-path", prefix, "--data-cache-path", os.path.join(cache_dir, "index")]
+        if _flag(user_argv, "--save") is None:
+            argv += ["--save", DEFAULT_SAVE_DIR]
+    elif data_path:
+        resolved = data_lib.resolve_data_paths(data_path, os.path.join(cache_dir, "data"))
+        # Replace the user's --data-path values in place with the resolved prefixes.
+        i = max(i for i, a in enumerate(user_argv) if a == "--data-path")
+        user_argv = user_argv[: i + 1] + resolved + user_argv[i + 1 + len(data_path) :]
+        if resolved != data_path and _flag(user_argv, "--tokenizer-type") is None:
+            argv += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(data_lib.VOCAB_SIZE)]
+    return argv + user_argv
+
+
+def rank_command(nproc: int, argv: Sequence[str]) -> list[str]:
+    """torchrun command starting ``nproc`` local ranks of ``rank_main``."""
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--standalone", f"--nproc-per-node={nproc}",
+        "-m", "megatron_moe_ext.training.rank_entry", *argv,
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry of ``megatron-moe-ext train``; returns the ranks' exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _launcher_parser()
+    ours, megatron_argv = parser.parse_known_args(argv)
+    if "RANK" in os.environ:  # already one rank of a torchrun/SLURM job
+        from megatron_moe_ext.training.rank_entry import rank_main
+
+        rank_main(megatron_argv)
+        return 0
+    cpu = not torch.cuda.is_available()
+    nproc = ours.nproc if ours.nproc is not None else (2 if cpu else torch.cuda.device_count())
+    if nproc < 1:
+        parser.error(f"--nproc {nproc} must be >= 1")
+    cache_dir = ours.cache_dir or default_cache_dir()
+    try:
+        full_argv = prepare_argv(megatron_argv, cache_dir=cache_dir, cpu=cpu)
+        validate_layout(full_argv, nproc)
+        save = _flag(full_argv, "--save")
+        if save is not None:
+            check_save_dir(save)
+    except ValueError as err:
+        parser.error(str(err))
+    command = rank_command(nproc, full_argv)
+    if ours.dry_run:
+        print(" ".join(command))
+        return 0
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(command, env=env)
