@@ -1,0 +1,44 @@
+"""The ``megatron-moe-ext`` command: ``megatron-moe-ext SUBCOMMAND [ARGS...]``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+
+def _train(argv: Sequence[str]) -> int:
+    from megatron_moe_ext.training.train import main
+
+    return main(argv)
+
+
+# Sub-command -> (handler, one-line help). Handlers parse their own arguments: `train` passes
+# every Megatron flag through unchanged, which a parent argparse parser would fight.
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "train": (_train, "pretrain with megatron.training.pretrain (embedded tiny MoE demo without data flags)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: megatron-moe-ext SUBCOMMAND [ARGS...]", "", "sub-commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'megatron-moe-ext SUBCOMMAND --help' for a sub-command's own options."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch to a sub-command; exit code 2 with the usage for an unknown one."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"megatron-moe-ext: unknown sub-command {name!r}; choose from {', '.join(COMMANDS)}\n", file=sys.stderr)
+        print(_usage(), file=sys.stderr)
+        return 2
+    return COMMANDS[name][0](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

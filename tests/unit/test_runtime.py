@@ -1,0 +1,77 @@
+"""The CPU runtime's contract: explicit, idempotent, refuses unsupported versions and CUDA hosts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_moe_ext._compat import SUPPORTED_MEGATRON_CORE, check_megatron_core_version
+from megatron_moe_ext.testing import run_distributed
+
+
+def test_supported_version_passes_and_others_are_refused() -> None:
+    assert check_megatron_core_version() in SUPPORTED_MEGATRON_CORE
+    with pytest.raises(ValueError, match=r"megatron-core 0\.18\.0 is not supported.*megatron-core==0\.19\.2"):
+        check_megatron_core_version("0.18.0")
+
+
+def runtime_properties() -> dict:
+    """Runs in a fresh rank process (the runtime is already enabled by the harness)."""
+    import torch.distributed as dist
+
+    from megatron_moe_ext.runtime import cpu_runtime_enabled, enable_cpu_runtime
+
+    wrapped = dist.all_to_all_single
+    enable_cpu_runtime()  # second call: must change nothing
+    x = torch.empty(3, device="cuda")
+    y = torch.ones(2).cuda()
+    z = torch.zeros(2).to("cuda:0")
+    return {
+        "enabled": cpu_runtime_enabled(),
+        "same_wrapper": dist.all_to_all_single is wrapped,
+        "devices": [t.device.type for t in (x, y, z)],
+        "type_string": torch.zeros(1).type(),
+        "bf16_type_string": torch.zeros(1, dtype=torch.bfloat16).type(),
+        "conversion_untouched": torch.zeros(1).type(torch.float64).dtype == torch.float64,
+        "current_device": torch.cuda.current_device(),
+    }
+
+
+def test_runtime_maps_cuda_to_cpu_and_is_idempotent() -> None:
+    (props,) = run_distributed(runtime_properties, 1)
+    assert props["enabled"] and props["same_wrapper"]
+    assert props["devices"] == ["cpu", "cpu", "cpu"]
+    assert props["type_string"] == "torch.cuda.FloatTensor"
+    assert props["bf16_type_string"] == "torch.cuda.BFloat16Tensor"
+    assert props["conversion_untouched"]
+
+
+def _enable_with(monkeypatch_cuda: bool, version: str | None) -> str:
+    import megatron_moe_ext._compat as compat
+    from megatron_moe_ext.runtime import cpu
+
+    if monkeypatch_cuda:
+        torch.cuda.is_available = lambda: True
+    if version is not None:
+        compat.megatron_core_version = lambda: version
+        cpu.check_megatron_core_version = lambda: compat.check_megatron_core_version(version)
+    try:
+        cpu.enable_cpu_runtime()
+    except (RuntimeError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
+    return "enabled"
+
+
+def refusal_body(monkeypatch_cuda: bool, version: str | None) -> str:
+    return _enable_with(monkeypatch_cuda, version)
+
+
+def test_runtime_refuses_cuda_hosts_and_unsupported_versions() -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        cuda = pool.apply(refusal_body, (True, None))
+        old = pool.apply(refusal_body, (False, "0.17.0"))
+    assert cuda.startswith("RuntimeError: CUDA is available"), cuda
+    assert old.startswith("ValueError: megatron-core 0.17.0 is not supported"), old
