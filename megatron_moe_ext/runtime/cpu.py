@@ -22,7 +22,8 @@ Call sites covered, and why (``mc`` = megatron/core, ``mt`` = megatron/training,
    (``mt/initialize.py:270,358,447``): it returns 1 and ``set_device`` is a no-op. We do *not*
    fake ``torch.cuda.is_available()``: torch.compile/dynamo and many fast paths key on it.
 4. Streams, events and synchronisation (``token_dispatcher``, DDP overlap, timers): host-side
-   no-op stand-ins (CPU kernels are synchronous).
+   no-op stand-ins (CPU kernels are synchronous). ``torch.cuda.memory_*`` statistics, which the
+   training log reports after the first iterations, read 0: there is no device allocator.
 5. The CUDA RNG tracker (``mc/tensor_parallel/random.py``: ``_get_cuda_rng_state``,
    ``_set_cuda_rng_state``, ``torch.cuda.get_rng_state/set_rng_state/manual_seed``, and
    ``mt/checkpointing.py`` rng state): all map to the CPU generator, the one that CPU kernels
