@@ -1,5 +1,9 @@
 """Layer and block specs for Megatron's GPTModel.
 
+``moe_ext_gpt_block_spec`` is what our entries use: the same block with this package's layers in
+Megatron's slots (``FineGrainedExperts`` in the MoE layers' experts slot unless
+``moe_expert_backend == 'megatron'``).
+
 ``local_gpt_block_spec`` is Megatron's own local (non-TE) decoder block spec, with every norm
 replaced by ``SequenceParallelTorchNorm`` so that sequence parallelism works without TE/apex. It has
 the ``(config, vp_stage=None)`` signature that ``GPTModelConfig.transformer_layer_spec`` accepts as
@@ -9,14 +13,17 @@ a callable (megatron/training/models/gpt.py), so the train entry, the launcher a
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_moe_ext.layers.fine_grained_experts import FineGrainedExperts
 from megatron_moe_ext.layers.norms import SequenceParallelTorchNorm
 
 
@@ -60,3 +67,23 @@ def local_gpt_block_spec(config: TransformerConfig, vp_stage: int | None = None)
     )
     layers = [_with_norm(spec, SequenceParallelTorchNorm) for spec in block.layer_specs]
     return dataclasses.replace(block, layer_specs=layers, layer_norm=SequenceParallelTorchNorm)
+
+
+def _with_experts(layer_spec: ModuleSpec, experts: type) -> ModuleSpec:
+    """The layer spec with ``experts`` in its MoELayer's experts slot (dense layers unchanged)."""
+    mlp = layer_spec.submodules.mlp
+    if not (isinstance(mlp, functools.partial) and isinstance(mlp.func, type) and issubclass(mlp.func, MoELayer)):
+        return layer_spec
+    moe_submodules = dataclasses.replace(mlp.keywords["submodules"], experts=experts)
+    new_mlp = functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": moe_submodules})
+    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=new_mlp))
+
+
+def moe_ext_gpt_block_spec(config: TransformerConfig, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """``local_gpt_block_spec`` with this package's layers chosen by the config's fields."""
+    config = getattr(config, "transformer", config)
+    block = local_gpt_block_spec(config, vp_stage=vp_stage)
+    if getattr(config, "moe_expert_backend", "megatron") == "megatron":
+        return block
+    layers = [_with_experts(spec, FineGrainedExperts) for spec in block.layer_specs]
+    return dataclasses.replace(block, layer_specs=layers)

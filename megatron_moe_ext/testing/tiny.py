@@ -23,14 +23,16 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from megatron_moe_ext.specs import local_gpt_block_spec
+from megatron_moe_ext.config import MoEExtConfig
+from megatron_moe_ext.specs import moe_ext_gpt_block_spec
 
 VOCAB_SIZE = 64
 SEQ_LEN = 16
 
 
-def tiny_config(**overrides: Any) -> TransformerConfig:
-    """A 2-layer MoE GPT config (4 experts, top-2), fp32, no dropout, CPU-safe options."""
+def tiny_config(**overrides: Any) -> MoEExtConfig:
+    """A 2-layer MoE GPT config (4 experts, top-2), fp32, no dropout, CPU-safe options; Megatron's
+    own experts unless ``moe_expert_backend`` says otherwise."""
     values: dict[str, Any] = dict(
         num_layers=2,
         hidden_size=32,
@@ -51,9 +53,15 @@ def tiny_config(**overrides: Any) -> TransformerConfig:
         masked_softmax_fusion=False,
         pipeline_dtype=torch.float32,
         init_method_std=0.05,
+        moe_expert_backend="megatron",
     )
     values.update(overrides)
-    return TransformerConfig(**values)
+    if values.get("moe_granularity") is not None:
+        # Derived from G: drop the tiny defaults unless the caller set them (a conflict is an error).
+        for derived in ("num_moe_experts", "moe_router_topk"):
+            if derived not in overrides:
+                values.pop(derived)
+    return MoEExtConfig(**values)
 
 
 def parallel_sizes(*, tp: int = 1, pp: int = 1, ep: int = 1, etp: int = 1) -> dict[str, int]:
@@ -81,7 +89,7 @@ def build_tiny_gpt(config: TransformerConfig, *, vocab_size: int = VOCAB_SIZE, s
     """GPTModel for this rank's pipeline stage (vocabulary-parallel logits, as in training)."""
     return GPTModel(
         config=config,
-        transformer_layer_spec=local_gpt_block_spec(config),
+        transformer_layer_spec=moe_ext_gpt_block_spec(config),
         vocab_size=vocab_size,
         max_sequence_length=seq_len,
         pre_process=ps.is_pipeline_first_stage(),
@@ -92,17 +100,24 @@ def build_tiny_gpt(config: TransformerConfig, *, vocab_size: int = VOCAB_SIZE, s
 
 @dataclasses.dataclass(frozen=True)
 class ShardSpec:
-    """A local tensor is ``chunk(full, size, dim)[rank]``; gated fc1 chunks gate and up separately."""
+    """A local tensor is ``chunk(full, size, dim)[rank]``; gated fc1 chunks gate and up separately.
+    ``expert`` adds a first split of a stacked expert tensor along its expert axis (EP)."""
 
     dim: int
     rank: int
     size: int
     gated: bool = False
+    expert: tuple[int, int, int] | None = None  # (axis, ep_rank, ep_size)
 
 
 def take_shard(full: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
     """The slice of ``full`` that ``spec`` describes (``full`` itself for replicated tensors)."""
-    if spec is None or spec.size == 1:
+    if spec is None:
+        return full
+    if spec.expert is not None:
+        axis, rank, size = spec.expert
+        full = torch.chunk(full, size, dim=axis)[rank]
+    if spec.size == 1:
         return full
     if spec.gated:
         halves = torch.chunk(full, 2, dim=spec.dim)
@@ -137,7 +152,11 @@ def shard_spec(name: str, param: torch.nn.Parameter, config: TransformerConfig) 
     else:
         rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     gated = bool(config.gated_linear_unit) and name.endswith("linear_fc1.weight")
-    return ShardSpec(dim=param.partition_dim, rank=rank, size=size, gated=gated)
+    expert_axis = getattr(param, "expert_axis", None)
+    expert = None
+    if expert_axis is not None:
+        expert = (expert_axis, ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size())
+    return ShardSpec(dim=param.partition_dim, rank=rank, size=size, gated=gated, expert=expert)
 
 
 def load_reference_weights(model: GPTModel, full_state: dict[str, torch.Tensor]) -> None:

@@ -21,9 +21,9 @@ TRAIN = make_batches(1, batch_size=2, seed=3)
 PROBE = make_batches(1, batch_size=2, seed=11)[0]
 
 
-def train_and_save(ckpt_dir: str, parallel: dict) -> torch.Tensor:
+def train_and_save(ckpt_dir: str, parallel: dict, overrides: dict | None = None) -> torch.Tensor:
     initialize_parallel(seed=5, **parallel)
-    config = tiny_config(sequence_parallel=parallel.get("tp", 1) > 1, **parallel_sizes(**parallel))
+    config = tiny_config(sequence_parallel=parallel.get("tp", 1) > 1, **parallel_sizes(**parallel), **(overrides or {}))
     model = build_tiny_gpt(config)
     ddp = wrap_ddp(model)
     forward_backward(ddp, TRAIN)
@@ -34,9 +34,9 @@ def train_and_save(ckpt_dir: str, parallel: dict) -> torch.Tensor:
     return full_logits(model, PROBE)
 
 
-def load_and_probe(ckpt_dir: str, parallel: dict) -> torch.Tensor:
+def load_and_probe(ckpt_dir: str, parallel: dict, overrides: dict | None = None) -> torch.Tensor:
     initialize_parallel(seed=77, **parallel)
-    config = tiny_config(sequence_parallel=parallel.get("tp", 1) > 1, **parallel_sizes(**parallel))
+    config = tiny_config(sequence_parallel=parallel.get("tp", 1) > 1, **parallel_sizes(**parallel), **(overrides or {}))
     model = build_tiny_gpt(config)
     fresh = full_logits(model, PROBE)
     state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)

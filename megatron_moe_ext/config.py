@@ -1,0 +1,100 @@
+"""``MoEExtConfig``: Megatron's TransformerConfig plus this package's settings.
+
+Every field has a docstring: the command-line flags are generated from them (``args.py``), and
+``core_transformer_config_from_args(args, config_class=MoEExtConfig)`` fills them from the flags.
+Validation raises ValueError naming the values and the fix, before any model is built.
+
+No ``from __future__ import annotations`` here: Megatron's ArgumentGroupFactory reads the field
+types as real types to build the flags.
+"""
+
+
+import dataclasses
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_moe_ext.granularity import derive_fine_grained
+
+# Megatron's own default for moe_router_topk; an unchanged default counts as "not set by the user"
+# when a granularity derives the top-k (the flag path detects an explicit value exactly).
+MEGATRON_DEFAULT_TOPK = 2
+
+EXPERT_BACKENDS = ("grouped", "eager", "megatron")
+
+
+@dataclasses.dataclass
+class MoEExtConfig(TransformerConfig):
+    """TransformerConfig with fine-grained MoE settings (more to come from later features)."""
+
+    moe_granularity: int | None = None
+    """Granularity G = ffn_hidden_size / expert hidden size (Krajewski et al. 2024). When set, the
+    number of experts (E*G), the expert hidden size (ffn_hidden_size/G) and the router top-k (k0*G)
+    are derived from it, so compute per token stays that of one dense FFN times k0. G=1 is coarse
+    MoE; G=ffn_hidden_size gives single-neuron experts (see the PEER layer)."""
+
+    moe_expansion_rate: int | None = None
+    """Expansion rate E: total expert parameters over one dense FFN's. Required with
+    --moe-granularity; the model has E*G experts."""
+
+    moe_base_topk: int = 1
+    """Base top-k k0: experts per token at G=1; the router picks k0*G experts (paper: 1)."""
+
+    moe_num_shared_experts: int = 0
+    """Fine-grained shared experts (DeepSeekMoE): each of hidden size ffn_hidden_size/G; sets the
+    shared expert MLP to num_shared_experts*ffn_hidden_size/G. Needs --moe-granularity."""
+
+    moe_expert_backend: str = "grouped"
+    """Expert computation: 'grouped' (grouped GEMM, padded batched matmul where torch's grouped GEMM
+    cannot run), 'eager' (reference loop over experts), or 'megatron' (Megatron's own experts)."""
+
+    def __post_init__(self) -> None:
+        if self.moe_expert_backend not in EXPERT_BACKENDS:
+            raise ValueError(
+                f"moe_expert_backend={self.moe_expert_backend!r} is unknown; choose from {', '.join(EXPERT_BACKENDS)}"
+            )
+        if self.moe_granularity is not None:
+            self._apply_granularity()
+        elif self.moe_num_shared_experts:
+            raise ValueError(
+                f"moe_num_shared_experts={self.moe_num_shared_experts} needs moe_granularity (shared experts "
+                "are sized ffn_hidden_size/G); fix: set --moe-granularity, or use Megatron's "
+                "--moe-shared-expert-intermediate-size"
+            )
+        super().__post_init__()
+
+    def _apply_granularity(self) -> None:
+        if self.moe_expansion_rate is None:
+            raise ValueError(
+                f"moe_granularity={self.moe_granularity} needs moe_expansion_rate (E, experts = E*G); "
+                "fix: add --moe-expansion-rate (e.g. 8)"
+            )
+        sizes = derive_fine_grained(
+            self.ffn_hidden_size,
+            self.moe_granularity,
+            self.moe_expansion_rate,
+            self.moe_base_topk,
+            num_shared_experts=self.moe_num_shared_experts,
+            expert_parallel_size=self.expert_model_parallel_size,
+            fp8_recipe=(self.fp8_recipe if self.fp8 else None),
+        )
+        derived = {
+            "num_moe_experts": sizes.num_experts,
+            "moe_ffn_hidden_size": sizes.moe_ffn_hidden_size,
+            "moe_router_topk": sizes.topk,
+            "moe_shared_expert_intermediate_size": sizes.shared_expert_intermediate_size,
+        }
+        unset = {"num_moe_experts": None, "moe_ffn_hidden_size": None, "moe_router_topk": MEGATRON_DEFAULT_TOPK,
+                 "moe_shared_expert_intermediate_size": None}
+        conflicts = [
+            f"{name}={getattr(self, name)} (G implies {value})"
+            for name, value in derived.items()
+            if getattr(self, name) not in (unset[name], value)
+        ]
+        if conflicts:
+            raise ValueError(
+                f"moe_granularity={self.moe_granularity}, moe_expansion_rate={self.moe_expansion_rate}, "
+                f"moe_base_topk={self.moe_base_topk} conflict with explicit settings: {'; '.join(conflicts)}. "
+                "Fix: drop the explicit values (they are derived from G), or drop --moe-granularity."
+            )
+        for name, value in derived.items():
+            setattr(self, name, value)
