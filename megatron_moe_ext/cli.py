@@ -12,10 +12,17 @@ def _train(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _flops(argv: Sequence[str]) -> int:
+    from megatron_moe_ext.accounting_cli import main
+
+    return main(argv)
+
+
 # Sub-command -> (handler, one-line help). Handlers parse their own arguments: `train` passes
 # every Megatron flag through unchanged, which a parent argparse parser would fight.
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "train": (_train, "pretrain with megatron.training.pretrain (embedded tiny MoE demo without data flags)"),
+    "flops": (_flops, "parameters and FLOPs per token (total/active, router term) for Megatron model flags [--json]"),
 }
 
 

@@ -1,0 +1,51 @@
+"""``megatron-moe-ext flops [Megatron and our flags] [--json]``: parameters and FLOPs per token.
+
+Parses the flags exactly as ``train`` does (Megatron's parser plus the granularity derivation, no
+validation, so no process group and no subprocess), then prints ``accounting.format_report`` or one
+JSON object (``Accounting.to_dict()``). The vocabulary is ``--vocab-size`` padded by Megatron's rule;
+tokenizers are not loaded, so ``--vocab-size`` is required.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+PROG = "megatron-moe-ext flops"
+
+
+def _parser() -> argparse.ArgumentParser:
+    # Only used to report errors in argparse's format (usage line + exit code 2).
+    return argparse.ArgumentParser(prog=PROG, usage=f"{PROG} [MEGATRON AND megatron-moe-ext FLAGS] [--json]")
+
+
+def main(argv: Sequence[str]) -> int:
+    """Print the accounting for the model the flags describe; argument errors exit 2."""
+    from megatron_moe_ext.accounting import account, format_report, shape_from_args
+    from megatron_moe_ext.args import parse_megatron_args
+
+    argv = list(argv)
+    as_json = "--json" in argv
+    rest = [a for a in argv if a != "--json"]
+    if "-h" in rest or "--help" in rest:
+        # Megatron's --help lists the model flags but not ours: say what flops adds first.
+        print(f"usage: {PROG} [MEGATRON AND megatron-moe-ext FLAGS] [--json]\n"
+              "  --json   print one JSON object instead of the table\n")
+    args = parse_megatron_args(rest, validate=False)
+    if args.vocab_size is None and getattr(args, "padded_vocab_size", None) is None:
+        _parser().error(
+            "flops needs --vocab-size (the tokenizer's vocabulary size; flops does not load tokenizers "
+            "and pads it like Megatron, to a multiple of --make-vocab-size-divisible-by x TP)"
+        )
+    try:
+        acc = account(shape_from_args(args))
+    except ValueError as err:
+        _parser().error(str(err))
+    print(json.dumps(acc.to_dict()) if as_json else format_report(acc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

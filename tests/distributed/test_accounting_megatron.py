@@ -1,0 +1,81 @@
+"""The accounting's parameter counts equal those of real Megatron GPTModels (local spec, one rank)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megatron_moe_ext.accounting import ModelShape, account
+
+SEQ = 16
+VOCAB = 64
+
+# (name, tiny_config overrides, GPTModel kwargs, ModelShape for the same model).
+# tiny_config: 2 layers, h=32, ffn=64, 4 heads, 4 experts top-2, no biases, LayerNorm.
+BASE = dict(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, vocab_size=VOCAB,
+            seq_length=SEQ, add_bias_linear=False, normalization="LayerNorm")
+MOE = dict(num_experts=4, topk=2)
+CASES: list[tuple[str, dict[str, Any], dict[str, Any], ModelShape]] = [
+    ("dense", dict(num_moe_experts=None),
+     dict(position_embedding_type="rope", share_embeddings_and_output_weights=True),
+     ModelShape(**BASE, position_embedding_type="rope")),
+    ("moe_4x_top2", {},
+     dict(position_embedding_type="rope", share_embeddings_and_output_weights=True),
+     ModelShape(**BASE, **MOE, position_embedding_type="rope")),
+    ("swiglu_fine_shared_rms_qknorm",
+     dict(gated_linear_unit=True, moe_ffn_hidden_size=16, moe_shared_expert_intermediate_size=32,
+          normalization="RMSNorm", qk_layernorm=True),
+     dict(position_embedding_type="rope", share_embeddings_and_output_weights=True),
+     ModelShape(**{**BASE, "normalization": "RMSNorm"}, **MOE, gated_linear_unit=True, moe_ffn_hidden_size=16,
+                shared_expert_intermediate_size=32, qk_layernorm=True, position_embedding_type="rope")),
+    ("untied_with_biases", dict(add_bias_linear=True, qk_layernorm=True),
+     dict(position_embedding_type="rope", share_embeddings_and_output_weights=False),
+     ModelShape(**{**BASE, "add_bias_linear": True}, **MOE, qk_layernorm=True, position_embedding_type="rope",
+                share_embeddings_and_output_weights=False)),
+    ("learned_absolute", dict(num_moe_experts=None, add_bias_linear=True),
+     dict(position_embedding_type="learned_absolute", share_embeddings_and_output_weights=True, max_sequence_length=24),
+     ModelShape(**{**BASE, "add_bias_linear": True}, position_embedding_type="learned_absolute",
+                max_position_embeddings=24)),
+    ("alternating_gqa_shared_gate",
+     dict(num_layers=4, moe_layer_freq=[1, 0, 1, 0], num_query_groups=2, kv_channels=16, gated_linear_unit=True,
+          moe_shared_expert_intermediate_size=64, moe_shared_expert_gate=True),
+     dict(position_embedding_type="rope", share_embeddings_and_output_weights=False),
+     ModelShape(**{**BASE, "num_layers": 4}, **MOE, moe_layer_pattern=(1, 0, 1, 0), num_query_groups=2,
+                kv_channels=16, gated_linear_unit=True, shared_expert_intermediate_size=64, shared_expert_gate=True,
+                position_embedding_type="rope", share_embeddings_and_output_weights=False)),
+]
+
+
+def count_megatron_params(cases: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> dict[str, dict[str, int]]:
+    """Build each GPTModel on this rank and count its parameters (total and router)."""
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_moe_ext.specs import local_gpt_block_spec
+    from megatron_moe_ext.testing.tiny import initialize_parallel, tiny_config
+
+    initialize_parallel()
+    out = {}
+    for name, overrides, model_kwargs in cases:
+        config = tiny_config(**overrides)
+        kwargs = {"vocab_size": VOCAB, "max_sequence_length": SEQ, **model_kwargs}
+        model = GPTModel(config=config, transformer_layer_spec=local_gpt_block_spec(config), **kwargs)
+        named = dict(model.named_parameters())
+        out[name] = {
+            "total": sum(p.numel() for p in model.parameters()),
+            "router_weight": sum(p.numel() for n, p in named.items() if n.endswith(".router.weight")),
+            "router": sum(p.numel() for n, p in named.items() if ".router." in n),
+        }
+    return out
+
+
+def test_param_counts_match_megatron() -> None:
+    from megatron_moe_ext.testing import run_distributed
+
+    # One process for all configs: each run_distributed call pays ~10 s of imports.
+    counts = run_distributed(count_megatron_params, 1, [(n, o, k) for n, o, k, _ in CASES])[0]
+    for name, _, _, shape in CASES:
+        acc = account(shape)
+        got = counts[name]
+        assert got["total"] == acc.total_params, (name, got, acc)
+        assert got["router"] == acc.router_params, (name, got, acc)
+        # Megatron's router weight is [num_experts, hidden] per MoE layer.
+        assert got["router_weight"] == acc.num_moe_layers * acc.num_experts * shape.hidden_size, name
