@@ -43,7 +43,9 @@ class MoEExtConfig(TransformerConfig):
     """Fine-grained shared experts (DeepSeekMoE): each of hidden size ffn_hidden_size/G; sets the
     shared expert MLP to num_shared_experts*ffn_hidden_size/G. Needs --moe-granularity."""
 
-    moe_expert_backend: str = "grouped"
+    moe_expert_backend: str = dataclasses.field(
+        default="grouped", metadata={"argparse_meta": {"choices": EXPERT_BACKENDS}}
+    )
     """Expert computation: 'grouped' (grouped GEMM, padded batched matmul where torch's grouped GEMM
     cannot run), 'eager' (reference loop over experts), or 'megatron' (Megatron's own experts)."""
 

@@ -12,8 +12,6 @@ from typing import Sequence
 
 import torch
 
-from megatron_moe_ext._compat import HAVE_TE
-
 
 def rank_main(argv: Sequence[str]) -> None:
     """Parse Megatron's flags (plus ours) from ``argv`` and run ``pretrain`` on this rank."""
@@ -26,24 +24,22 @@ def rank_main(argv: Sequence[str]) -> None:
 
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
-    from megatron.training.argument_utils import (
-        core_transformer_config_from_args,
-        gpt_config_from_args,
-        pretrain_cfg_container_from_args,
-    )
-    from megatron.training.arguments import parse_and_validate_args
+    from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
+    from megatron.training.utils import print_rank_0
 
-    from megatron_moe_ext.specs import local_gpt_block_spec
+    from megatron_moe_ext.accounting import account, format_report, shape_from_args
+    from megatron_moe_ext.args import config_from_args, parse_megatron_args
+    from megatron_moe_ext.specs import moe_ext_gpt_block_spec
     from megatron_moe_ext.training.gpt_step import forward_step, set_loss_log, train_valid_test_datasets_provider
     from megatron_moe_ext.training.train import add_train_args
 
-    sys.argv = [sys.argv[0], *argv]  # Megatron's parser reads sys.argv
-    args = parse_and_validate_args(extra_args_provider=add_train_args)
+    args = parse_megatron_args(argv, extra_args_provider=add_train_args)
     set_loss_log(args.ext_loss_log)
-    model_cfg = gpt_config_from_args(args, config=core_transformer_config_from_args(args))
-    if cpu or not HAVE_TE:
-        if model_cfg.transformer_layer_spec is None:
-            model_cfg.transformer_layer_spec = local_gpt_block_spec
+    model_cfg = gpt_config_from_args(args, config=config_from_args(args))
+    if model_cfg.transformer_layer_spec is None:  # --spec, when given, wins
+        # Local (non-TE) modules with our layers in Megatron's slots; TE specs come with the GPU path.
+        model_cfg.transformer_layer_spec = moe_ext_gpt_block_spec
+    print_rank_0("> megatron-moe-ext model accounting:\n" + format_report(account(shape_from_args(args))))
     pretrain(
         pretrain_cfg_container_from_args(args, model_cfg),
         train_valid_test_datasets_provider,

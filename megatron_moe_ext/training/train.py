@@ -193,6 +193,24 @@ def check_save_dir(path: str) -> None:
         ) from None
 
 
+# Default sizing flags that a user's granularity flags replace (instead of contradicting them).
+_SIZING_FLAGS = {"--num-experts", "--moe-router-topk", "--moe-ffn-hidden-size"}
+_GRANULARITY_FLAGS = {"--moe-granularity", "--moe-expansion-rate", "--moe-base-topk"}
+
+
+def _without(argv: Sequence[str], names: set[str]) -> list[str]:
+    """``argv`` without the ``--name VALUE`` pairs of ``names``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in names:
+            skip = True
+        elif arg.split("=", 1)[0] not in names:
+            out.append(arg)
+    return out
+
+
 def prepare_argv(user_argv: Sequence[str], *, cache_dir: str, cpu: bool) -> list[str]:
     """The full Megatron argv the ranks run: CPU flags, the embedded default if no data was
     given, then the user's flags (last wins, so the user overrides any default)."""
@@ -203,7 +221,10 @@ def prepare_argv(user_argv: Sequence[str], *, cache_dir: str, cpu: bool) -> list
     mock = "--mock-data" in user_argv
     if not data_path and not per_split and not mock:
         prefix = data_lib.build_default_dataset(os.path.join(cache_dir, "data"))
-        argv += DEFAULT_MODEL_ARGS
+        defaults = list(DEFAULT_MODEL_ARGS)
+        if any(a.split("=", 1)[0] in _GRANULARITY_FLAGS for a in user_argv):
+            defaults = _without(defaults, _SIZING_FLAGS)
+        argv += defaults
         argv += ["--data-path", prefix, "--data-cache-path", os.path.join(cache_dir, "index")]
         if _flag(user_argv, "--save") is None:
             argv += ["--save", DEFAULT_SAVE_DIR]
@@ -244,6 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         full_argv = prepare_argv(megatron_argv, cache_dir=cache_dir, cpu=cpu)
         validate_layout(full_argv, nproc)
+        # Megatron's parser plus our flags and derivation: unknown or contradictory flags fail
+        # here, once, before any process group exists.
+        from megatron_moe_ext.args import parse_megatron_args
+
+        parse_megatron_args(full_argv, extra_args_provider=add_train_args, validate=False)
         save = _flag(full_argv, "--save")
         if save is not None:
             check_save_dir(save)

@@ -75,6 +75,13 @@ def run_launcher(tmp: Path, *args: str) -> tuple[int, str]:
         (["--num-experts", "6", "--expert-model-parallel-size", "4", "--nproc", "4"], "--num-experts 6 is not divisible"),
         (["--data-path", "missing/prefix"], "data path missing/prefix"),
         (["--save", "blocker/sub"], "checkpoint directory --save 'blocker/sub' is not writable"),
+        (["--moe-granularity", "3", "--moe-expansion-rate", "4"], "does not divide ffn_hidden_size=256"),
+        (
+            ["--moe-granularity", "8", "--moe-expansion-rate", "4", "--num-experts", "8"],
+            "contradict --num-experts 8 (G implies 32)",
+        ),
+        (["--moe-granularity", "4", "--moe-expansion-rate", "1", "--moe-base-topk", "2"], "exceeds the number of experts"),
+        (["--moe-expert-backend", "fast"], "--moe-expert-backend"),
     ],
 )
 def test_bad_input_fails_before_any_rank_starts(tmp_path, args, message) -> None:
@@ -95,3 +102,21 @@ def test_corrupt_dataset_is_refused(tmp_path) -> None:
 def test_dry_run_prints_rank_command(tmp_path) -> None:
     code, _ = run_launcher(tmp_path, "--dry-run")
     assert code == 0
+
+
+def test_fine_grained_g8_learns(tmp_path) -> None:
+    """The embedded default at G=8 (32 experts of 32, top-8, our grouped experts, EP=2) learns."""
+    proc = train(
+        tmp_path, "--moe-granularity", "8", "--moe-expansion-rate", "4", "--moe-base-topk", "1",
+        "--train-iters", "40", "--lr-warmup-iters", "5", "--eval-interval", "100", "--save-interval", "40",
+        "--save", "g8", "--ext-loss-log", "g8/loss",
+    )
+    assert "32 experts x 32, top-8" in proc.stdout, "accounting report missing or wrong"
+    per_iter: dict[int, float] = {}
+    for rank in (0, 1):
+        for it, (loss_sum, tokens) in losses(tmp_path / "g8" / "loss", rank).items():
+            per_iter[it] = per_iter.get(it, 0.0) + loss_sum / tokens / 2
+    first = sum(per_iter[i] for i in range(1, 6)) / 5
+    last = sum(per_iter[i] for i in range(36, 41)) / 5
+    print(f"G=8 mean loss: iterations 1-5 {first:.3f}, 36-40 {last:.3f}")
+    assert last < first - 1.0, (first, last)
