@@ -52,6 +52,12 @@ def apply_ext_args(args: argparse.Namespace) -> argparse.Namespace:
         if args.moe_router_topk is None:
             args.moe_router_topk = MEGATRON_DEFAULT_TOPK
         return args
+    if getattr(args, "moe_use_upcycling", False) and getattr(args, "moe_upcycling_granularity", 1) != 1:
+        raise ValueError(
+            f"--moe-upcycling-granularity {args.moe_upcycling_granularity} with --moe-granularity "
+            f"{args.moe_granularity}: the upcycling granularity is G itself (--ffn-hidden-size stays the "
+            "dense size); fix: drop --moe-upcycling-granularity"
+        )
     if args.moe_expansion_rate is None:
         raise ValueError(
             f"--moe-granularity {args.moe_granularity} needs --moe-expansion-rate (E, experts = E*G); fix: add e.g. --moe-expansion-rate 8"

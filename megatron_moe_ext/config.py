@@ -19,7 +19,7 @@ from megatron_moe_ext.granularity import derive_fine_grained
 # when a granularity derives the top-k (the flag path detects an explicit value exactly).
 MEGATRON_DEFAULT_TOPK = 2
 
-EXPERT_BACKENDS = ("grouped", "eager", "megatron")
+EXPERT_BACKENDS = ("grouped", "eager", "megatron", "te")
 
 
 @dataclasses.dataclass
@@ -47,7 +47,9 @@ class MoEExtConfig(TransformerConfig):
         default="grouped", metadata={"argparse_meta": {"choices": EXPERT_BACKENDS}}
     )
     """Expert computation: 'grouped' (grouped GEMM, padded batched matmul where torch's grouped GEMM
-    cannot run), 'eager' (reference loop over experts), or 'megatron' (Megatron's own experts)."""
+    cannot run), 'eager' (reference loop over experts), 'megatron' (Megatron's own experts), or 'te'
+    (Transformer Engine grouped GEMMs on the same stacked weights, FP8 under TE's autocast; needs TE
+    and a GPU)."""
 
     def __post_init__(self) -> None:
         if self.moe_expert_backend not in EXPERT_BACKENDS:

@@ -6,7 +6,9 @@ TEGroupedMLP experts and raises for any other module: there is no seam for a new
 ``install_upcycling()`` therefore replaces ``upcycling_utils.upcycle_state_dict`` with
 ``upcycle_state_dict`` below, which converts models whose MoE layers hold ``FineGrainedExperts``
 and hands every other model to Megatron's original function unchanged. Megatron's training loop
-(``--moe-use-upcycling``) then runs as usual.
+(``--moe-use-upcycling``) then runs as usual, with two 0.19 bugs mended: the dense source model
+is built from the MoE model config (``training/model_config.py`` fixes that through the
+``model_config_cls`` seam), and ``load_checkpoint`` is called with a stale keyword (below).
 
 The conversion, for a dense FFN (fc1 [F1, H], fc2 [H, F]) and granularity G, expansion E:
 - expert j = (copy c = j // G, piece i = j % G) gets rows i of fc1 split in G (for gated units,
@@ -124,10 +126,26 @@ def upcycle_state_dict(moe_model, dense_model) -> dict:
 
 
 def install_upcycling() -> None:
-    """Route Megatron's ``--moe-use-upcycling`` through ``upcycle_state_dict`` (idempotent)."""
+    """Route Megatron's ``--moe-use-upcycling`` through ``upcycle_state_dict`` (idempotent).
+
+    Also mends a keyword mismatch of megatron-core 0.19: training.py passes the dense model to
+    ``load_checkpoint`` as ``model=``, but ``load_checkpoint``'s parameter is ``ddp_model``.
+    """
     global _ORIGINAL
+    import inspect
+
     from megatron.core.transformer.moe import upcycling_utils
 
-    if _ORIGINAL is None:
-        _ORIGINAL = upcycling_utils.upcycle_state_dict
-        upcycling_utils.upcycle_state_dict = upcycle_state_dict
+    if _ORIGINAL is not None:
+        return
+    _ORIGINAL = upcycling_utils.upcycle_state_dict
+    upcycling_utils.upcycle_state_dict = upcycle_state_dict
+    original_load_and_upcycle = upcycling_utils.load_and_upcycle_model
+
+    def load_and_upcycle_model(load_dense_ckpt_func, moe_model, dense_model, strict=True, load_args=(), load_kwargs={}):
+        params = inspect.signature(load_dense_ckpt_func).parameters
+        if "model" in load_kwargs and "model" not in params and "ddp_model" in params:
+            load_kwargs = {("ddp_model" if k == "model" else k): v for k, v in load_kwargs.items()}
+        return original_load_and_upcycle(load_dense_ckpt_func, moe_model, dense_model, strict, load_args, load_kwargs)
+
+    upcycling_utils.load_and_upcycle_model = load_and_upcycle_model

@@ -1,4 +1,4 @@
-"""Expert MLPs over tokens grouped by expert: one reference and two fast paths.
+"""Expert MLPs over tokens grouped by expert: one reference and the fast paths.
 
 All compute ``out[t] = fc2_e( act(fc1_e(x[t])) * prob[t] )`` for the rows t of expert e, the
 semantics of Megatron's SequentialMLP/TEGroupedMLP (the routing probability scales the activation,
@@ -114,11 +114,27 @@ def expert_mlp_grouped(
     return expert_mlp_padded(x_NH, tokens_per_expert, w1_EF1H, w2_EHF, probs_N, activation)
 
 
+def expert_mlp_te(
+    x_NH: torch.Tensor,
+    tokens_per_expert: Sequence[int],
+    w1_EF1H: torch.Tensor,
+    w2_EHF: torch.Tensor,
+    probs_N: torch.Tensor,
+    activation: Activation,
+) -> torch.Tensor:
+    """Transformer Engine grouped GEMMs (FP8 under a TE autocast), ``kernels/te_grouped.py``. Imported
+    on the first call, so importing this module never imports Transformer Engine."""
+    from megatron_moe_ext.kernels.te_grouped import expert_mlp_te as impl
+
+    return impl(x_NH, tokens_per_expert, w1_EF1H, w2_EHF, probs_N, activation)
+
+
 EXPERT_MLP_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     "eager": expert_mlp_eager,
     "padded": expert_mlp_padded,
     "grouped_mm": expert_mlp_grouped_mm,
     "grouped": expert_mlp_grouped,
+    "te": expert_mlp_te,
 }
 
 

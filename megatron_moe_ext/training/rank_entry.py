@@ -38,7 +38,9 @@ def rank_main(argv: Sequence[str]) -> None:
     install_upcycling()  # --moe-use-upcycling with our experts (no seam in Megatron: see upcycling.py)
     args = parse_megatron_args(argv, extra_args_provider=add_train_args)
     set_loss_log(args.ext_loss_log)
-    model_cfg = gpt_config_from_args(args, config=config_from_args(args))
+    from megatron_moe_ext.training.model_config import MoEExtGPTModelConfig
+
+    model_cfg = gpt_config_from_args(args, config=config_from_args(args), model_config_cls=MoEExtGPTModelConfig)
     if model_cfg.transformer_layer_spec is None:  # --spec, when given, wins
         # Local (non-TE) modules with our layers in Megatron's slots; TE specs come with the GPU path.
         model_cfg.transformer_layer_spec = moe_ext_gpt_block_spec

@@ -120,3 +120,32 @@ def test_fine_grained_g8_learns(tmp_path) -> None:
     last = sum(per_iter[i] for i in range(36, 41)) / 5
     print(f"G=8 mean loss: iterations 1-5 {first:.3f}, 36-40 {last:.3f}")
     assert last < first - 1.0, (first, last)
+
+
+def test_upcycling_from_a_dense_checkpoint(tmp_path) -> None:
+    """Dense run -> `--moe-use-upcycling` into fine-grained experts (EP=2): starts from the dense
+    model's quality, not from scratch (exactness itself: tests/distributed/test_upcycling.py)."""
+    from megatron_moe_ext.training.data import build_default_dataset
+
+    prefix = build_default_dataset(tmp_path / "cache" / "data")
+    model = [
+        "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "256", "--num-attention-heads", "4",
+        "--seq-length", "128", "--max-position-embeddings", "128", "--position-embedding-type", "rope",
+        "--normalization", "RMSNorm", "--disable-bias-linear", "--hidden-dropout", "0", "--attention-dropout", "0",
+        "--micro-batch-size", "8", "--global-batch-size", "16", "--lr", "5e-3", "--lr-decay-style", "constant",
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", "257", "--data-path", prefix, "--split", "98,1,1",
+        "--eval-interval", "1000", "--eval-iters", "1", "--log-interval", "1", "--ckpt-format", "torch_dist", "--seed", "1",
+    ]
+    train(tmp_path, *model, "--train-iters", "20", "--save", "dense", "--save-interval", "20", "--ext-loss-log", "dense/loss")
+    up = train(
+        tmp_path, *model, "--train-iters", "22", "--moe-granularity", "1", "--moe-expansion-rate", "4",
+        "--moe-base-topk", "2", "--expert-model-parallel-size", "2", "--moe-use-upcycling", "--load", "dense",
+        "--save", "up", "--save-interval", "100", "--ext-loss-log", "up/loss",
+    )
+    assert "Upcycled checkpoint saved to up" in up.stdout
+    dense_first = losses(tmp_path / "dense" / "loss", 0)[1]
+    dense_last = losses(tmp_path / "dense" / "loss", 0)[20]
+    up_first = min(losses(tmp_path / "up" / "loss", 0).items())[1]
+    per_token = [s / n for s, n in (dense_first, dense_last, up_first)]
+    print("per-token loss: dense first %.3f, dense last %.3f, upcycled first %.3f" % tuple(per_token))
+    assert per_token[2] < per_token[1] + 0.3 < per_token[0], per_token
