@@ -87,3 +87,15 @@ def moe_ext_gpt_block_spec(config: TransformerConfig, vp_stage: int | None = Non
         return block
     layers = [_with_experts(spec, FineGrainedExperts) for spec in block.layer_specs]
     return dataclasses.replace(block, layer_specs=layers)
+
+
+def hybrid_stack_spec_with_experts(stack_spec: ModuleSpec | None = None, experts: type = FineGrainedExperts) -> ModuleSpec:
+    """Megatron's HybridModel stack spec with ``experts`` in its MoE layers (same MLP slot as GPT).
+
+    Building a HybridModel needs Transformer Engine and the mamba kernels, so this is exercised on
+    GPU machines; on CPU only the spec itself is checked.
+    """
+    if stack_spec is None:
+        from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec as stack_spec
+    moe_layer = _with_experts(stack_spec.submodules.moe_layer, experts)
+    return dataclasses.replace(stack_spec, submodules=dataclasses.replace(stack_spec.submodules, moe_layer=moe_layer))
