@@ -17,7 +17,7 @@ from typing import Sequence
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe_ext.config import MEGATRON_DEFAULT_TOPK, MoEExtConfig
-from megatron_moe_ext.granularity import derive_fine_grained
+from megatron_moe_ext.granularity import DERIVED_SETTINGS, derive_fine_grained, explicit_conflicts
 
 GROUP_TITLE = "megatron-moe-ext"
 
@@ -75,25 +75,19 @@ def apply_ext_args(args: argparse.Namespace) -> argparse.Namespace:
         expert_parallel_size=args.expert_model_parallel_size,
         fp8_recipe=(args.fp8_recipe if getattr(args, "fp8", None) else None),
     )
-    derived = {
-        "num_experts": ("--num-experts", sizes.num_experts),
-        "moe_ffn_hidden_size": ("--moe-ffn-hidden-size", sizes.moe_ffn_hidden_size),
-        "moe_router_topk": ("--moe-router-topk", sizes.topk),
-        "moe_shared_expert_intermediate_size": ("--moe-shared-expert-intermediate-size", sizes.shared_expert_intermediate_size),
+    dest = {"num_moe_experts": "num_experts"}  # Megatron's args name for that config field
+    explicit = {
+        field: (f"{flag} ", getattr(args, dest.get(name, name))) for field, (name, flag) in DERIVED_SETTINGS.items()
     }
-    conflicts = [
-        f"{flag} {getattr(args, name)} (G implies {value})"
-        for name, (flag, value) in derived.items()
-        if getattr(args, name) is not None and getattr(args, name) != value
-    ]
+    conflicts = explicit_conflicts(sizes, explicit)
     if conflicts:
         raise ValueError(
             f"--moe-granularity {args.moe_granularity} --moe-expansion-rate {args.moe_expansion_rate} "
             f"--moe-base-topk {args.moe_base_topk} contradict {'; '.join(conflicts)}. Fix: drop those flags "
             "(they are derived from G) or drop --moe-granularity."
         )
-    for name, (_, value) in derived.items():
-        setattr(args, name, value)
+    for field, (name, _) in DERIVED_SETTINGS.items():
+        setattr(args, dest.get(name, name), getattr(sizes, field))
     return args
 
 

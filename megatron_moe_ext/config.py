@@ -13,7 +13,7 @@ import dataclasses
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_moe_ext.granularity import derive_fine_grained
+from megatron_moe_ext.granularity import DERIVED_SETTINGS, derive_fine_grained, explicit_conflicts
 
 # Megatron's own default for moe_router_topk; an unchanged default counts as "not set by the user"
 # when a granularity derives the top-k (the flag path detects an explicit value exactly).
@@ -81,24 +81,17 @@ class MoEExtConfig(TransformerConfig):
             expert_parallel_size=self.expert_model_parallel_size,
             fp8_recipe=(self.fp8_recipe if self.fp8 else None),
         )
-        derived = {
-            "num_moe_experts": sizes.num_experts,
-            "moe_ffn_hidden_size": sizes.moe_ffn_hidden_size,
-            "moe_router_topk": sizes.topk,
-            "moe_shared_expert_intermediate_size": sizes.shared_expert_intermediate_size,
+        # Megatron's default top-k counts as unset: a config object cannot tell it from an explicit 2.
+        explicit = {
+            field: (f"{name}=", None if (name == "moe_router_topk" and getattr(self, name) == MEGATRON_DEFAULT_TOPK) else getattr(self, name))
+            for field, (name, _) in DERIVED_SETTINGS.items()
         }
-        unset = {"num_moe_experts": None, "moe_ffn_hidden_size": None, "moe_router_topk": MEGATRON_DEFAULT_TOPK,
-                 "moe_shared_expert_intermediate_size": None}
-        conflicts = [
-            f"{name}={getattr(self, name)} (G implies {value})"
-            for name, value in derived.items()
-            if getattr(self, name) not in (unset[name], value)
-        ]
+        conflicts = explicit_conflicts(sizes, explicit)
         if conflicts:
             raise ValueError(
                 f"moe_granularity={self.moe_granularity}, moe_expansion_rate={self.moe_expansion_rate}, "
                 f"moe_base_topk={self.moe_base_topk} conflict with explicit settings: {'; '.join(conflicts)}. "
                 "Fix: drop the explicit values (they are derived from G), or drop --moe-granularity."
             )
-        for name, value in derived.items():
-            setattr(self, name, value)
+        for field, (name, _) in DERIVED_SETTINGS.items():
+            setattr(self, name, getattr(sizes, field))

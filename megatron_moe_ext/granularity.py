@@ -106,3 +106,22 @@ def derive_fine_grained(
         )
     shared = num_shared_experts * expert_size if num_shared_experts else None
     return FineGrainedSizes(num_experts, expert_size, topk, shared)
+
+
+# FineGrainedSizes field -> (TransformerConfig field, Megatron flag) that it determines.
+DERIVED_SETTINGS: dict[str, tuple[str, str]] = {
+    "num_experts": ("num_moe_experts", "--num-experts"),
+    "moe_ffn_hidden_size": ("moe_ffn_hidden_size", "--moe-ffn-hidden-size"),
+    "topk": ("moe_router_topk", "--moe-router-topk"),
+    "shared_expert_intermediate_size": ("moe_shared_expert_intermediate_size", "--moe-shared-expert-intermediate-size"),
+}
+
+
+def explicit_conflicts(sizes: FineGrainedSizes, explicit: dict[str, tuple[str, int | None]]) -> list[str]:
+    """``'<label><value> (G implies <derived>)'`` for each explicitly set value the derivation
+    contradicts; ``explicit`` maps a FineGrainedSizes field to (label, value or None if unset)."""
+    return [
+        f"{label}{value} (G implies {getattr(sizes, field)})"
+        for field, (label, value) in explicit.items()
+        if value is not None and value != getattr(sizes, field)
+    ]
