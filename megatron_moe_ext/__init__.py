@@ -5,3 +5,7 @@ Importing this package changes nothing in Megatron; the CPU runtime is enabled o
 """
 
 __version__ = "0.1.0"
+
+from megatron_moe_ext.kernels.product_keys import product_key_topk  # noqa: E402
+
+__all__ = ["__version__", "product_key_topk"]

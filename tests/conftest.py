@@ -32,3 +32,11 @@ def distributed(request: pytest.FixtureRequest):
         return run_distributed(fn, world_size or default, *args, timeout_s=timeout_s, **kwargs)
 
     return run
+
+
+@pytest.fixture
+def tiny_config():
+    """Factory for the tiny 2-layer MoE GPT config (``megatron_moe_ext.testing.tiny.tiny_config``)."""
+    from megatron_moe_ext.testing.tiny import tiny_config as factory
+
+    return factory

@@ -149,3 +149,26 @@ def test_upcycling_from_a_dense_checkpoint(tmp_path) -> None:
     per_token = [s / n for s, n in (dense_first, dense_last, up_first)]
     print("per-token loss: dense first %.3f, dense last %.3f, upcycled first %.3f" % tuple(per_token))
     assert per_token[2] < per_token[1] + 0.3 < per_token[0], per_token
+
+
+def test_bf16_distributed_optimizer_and_expert_bias_update(tmp_path) -> None:
+    """bf16 params with the DistributedOptimizer, sigmoid routing with the aux-loss-free expert
+    bias (updated in finalize_model_grads), saved and resumed."""
+    flags = [
+        "--bf16", "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+        "--moe-router-load-balancing-type", "none", "--moe-aux-loss-coeff", "0", "--moe-z-loss-coeff", "0",
+        "--lr-warmup-iters", "1", "--eval-interval", "100", "--save-interval", "3", "--save", "bf",
+    ]
+    train(tmp_path, *flags, "--train-iters", "5", "--exit-interval", "3", "--ext-loss-log", "bf/loss")
+    resumed = train(tmp_path, *flags, "--train-iters", "5", "--load", "bf", "--ext-loss-log", "bf/loss")
+    assert "iteration        4/       5" in resumed.stdout
+    first, last = losses(tmp_path / "bf" / "loss", 0)[1], losses(tmp_path / "bf" / "loss", 0)[5]
+    assert last[0] / last[1] < first[0] / first[1], (first, last)
+    # The expert bias moved away from zero: finalize_model_grads applied its sign updates.
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(tmp_path / "bf" / "iter_0000003"), str(tmp_path / "full.pt"))
+    state = torch.load(tmp_path / "full.pt", weights_only=False)
+    biases = [v for k, v in state.items() if k.endswith("router.expert_bias")]
+    assert biases and all(b.abs().sum() > 0 for b in biases), sorted(state)[:20]

@@ -39,7 +39,7 @@ COUNT_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", ["padded", "grouped"])
+@pytest.mark.parametrize("name", ["loop", "padded", "grouped"])
 @pytest.mark.parametrize("case", sorted(COUNT_CASES))
 @pytest.mark.parametrize("gated", [False, True])
 def test_kernel_matches_eager(name: str, case: str, gated: bool) -> None:
@@ -74,3 +74,17 @@ def test_grouped_mm_on_gpu_matches_eager(dtype: torch.dtype, gated: bool) -> Non
     torch.testing.assert_close(out, ref_out, **tol)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, **tol)
+
+
+def test_grouped_picks_the_loop_for_large_experts_on_cpu() -> None:
+    from megatron_moe_ext.kernels import expert_mlp
+
+    calls = []
+    original = expert_mlp.expert_mlp_loop
+    expert_mlp.expert_mlp_loop = lambda *a: calls.append("loop") or original(*a)
+    try:
+        run(get_expert_mlp_kernel("grouped"), [3, 5], 8, expert_mlp.CPU_LOOP_MIN_EXPERT_SIZE, False)
+        run(get_expert_mlp_kernel("grouped"), [3, 5], 8, 8, False)
+    finally:
+        expert_mlp.expert_mlp_loop = original
+    assert calls == ["loop"]
