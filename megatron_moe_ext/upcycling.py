@@ -142,7 +142,8 @@ def install_upcycling() -> None:
     upcycling_utils.upcycle_state_dict = upcycle_state_dict
     original_load_and_upcycle = upcycling_utils.load_and_upcycle_model
 
-    def load_and_upcycle_model(load_dense_ckpt_func, moe_model, dense_model, strict=True, load_args=(), load_kwargs={}):
+    def load_and_upcycle_model(load_dense_ckpt_func, moe_model, dense_model, strict=True, load_args=(), load_kwargs=None):
+        load_kwargs = dict(load_kwargs or {})
         params = inspect.signature(load_dense_ckpt_func).parameters
         if "model" in load_kwargs and "model" not in params and "ddp_model" in params:
             load_kwargs = {("ddp_model" if k == "model" else k): v for k, v in load_kwargs.items()}

@@ -64,5 +64,5 @@ def test_save_single_rank_load_tp2_ep2(tmp_path) -> None:
     (tmp_path / "ckpt").mkdir()
     (saved,) = run_distributed(train_and_save, 1, ckpt, {})
     loaded = run_distributed(load_and_probe, 2, ckpt, {"tp": 2, "ep": 2})
-    for fresh, restored in loaded:
+    for _fresh, restored in loaded:
         torch.testing.assert_close(restored, saved, rtol=1e-5, atol=1e-5)

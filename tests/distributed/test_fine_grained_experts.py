@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_moe_ext.testing import run_distributed
-from test_checkpoint import PROBE, load_and_probe, train_and_save
+from test_checkpoint import load_and_probe, train_and_save
 from test_parity import assert_parity, parallel_step, reference_step
 
 # hidden 32, dense ffn 64, G=2, E=2, k0=1: 4 SwiGLU experts of 32, top-2.
@@ -61,5 +61,5 @@ def test_checkpoint_sequential_mlp_ep1_loads_into_ours_ep2(tmp_path) -> None:
     (tmp_path / "ckpt").mkdir()
     (saved,) = run_distributed(train_and_save, 1, ckpt, {}, MEGATRON)
     loaded = run_distributed(load_and_probe, 2, ckpt, {"ep": 2}, FINE)
-    for fresh, restored in loaded:
+    for _fresh, restored in loaded:
         torch.testing.assert_close(restored, saved, rtol=1e-5, atol=1e-5)

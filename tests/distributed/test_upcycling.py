@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from megatron_moe_ext.testing import run_distributed
 from megatron_moe_ext.testing.tiny import (
-    build_tiny_gpt, full_logits, initialize_parallel, load_reference_weights, make_batches, parallel_sizes, tiny_config,
+    build_tiny_gpt, full_logits, initialize_parallel, make_batches, parallel_sizes, tiny_config,
 )
 from megatron_moe_ext.upcycling import upcycle_experts, upcycle_router, upcycle_state_dict
 
