@@ -18,6 +18,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe_ext.config import MEGATRON_DEFAULT_TOPK, MoEExtConfig
 from megatron_moe_ext.granularity import DERIVED_SETTINGS, derive_fine_grained, explicit_conflicts
+from megatron_moe_ext.router_settings import check_router_choice, product_key_layout
 
 GROUP_TITLE = "megatron-moe-ext"
 
@@ -42,6 +43,35 @@ def add_ext_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def apply_ext_args(args: argparse.Namespace) -> argparse.Namespace:
     """Derive Megatron's MoE args from ours; ValueError on contradictions (before any process group)."""
+    _derive_granularity(args)
+    _check_router_args(args)
+    return args
+
+
+def _check_router_args(args: argparse.Namespace) -> None:
+    check_router_choice(
+        args.moe_router_type,
+        score_function=args.moe_router_score_function,
+        load_balancing_type=args.moe_router_load_balancing_type,
+        expert_bias=args.moe_router_enable_expert_bias,
+        num_groups=args.moe_router_num_groups,
+        group_topk=args.moe_router_group_topk,
+        router_fusion=getattr(args, "moe_router_fusion", False),
+        force_load_balancing=getattr(args, "moe_router_force_load_balancing", False),
+        routing_replay=getattr(args, "moe_enable_routing_replay", False),
+    )
+    if args.moe_router_type == "product_key":
+        product_key_layout(
+            args.num_experts,
+            args.moe_router_topk,
+            heads=args.moe_pk_heads,
+            key_dim=args.moe_pk_key_dim,
+            subkey_topk=args.moe_pk_subkey_topk,
+            grid_rows=args.moe_pk_grid_rows,
+        )
+
+
+def _derive_granularity(args: argparse.Namespace) -> None:
     if args.moe_granularity is None:
         if args.moe_num_shared_experts:
             raise ValueError(
@@ -51,7 +81,7 @@ def apply_ext_args(args: argparse.Namespace) -> argparse.Namespace:
             )
         if args.moe_router_topk is None:
             args.moe_router_topk = MEGATRON_DEFAULT_TOPK
-        return args
+        return
     if getattr(args, "moe_use_upcycling", False) and getattr(args, "moe_upcycling_granularity", 1) != 1:
         raise ValueError(
             f"--moe-upcycling-granularity {args.moe_upcycling_granularity} with --moe-granularity "
@@ -88,7 +118,6 @@ def apply_ext_args(args: argparse.Namespace) -> argparse.Namespace:
         )
     for field, (name, _) in DERIVED_SETTINGS.items():
         setattr(args, dest.get(name, name), getattr(sizes, field))
-    return args
 
 
 def parse_megatron_args(

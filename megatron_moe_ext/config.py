@@ -14,6 +14,8 @@ import dataclasses
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe_ext.granularity import DERIVED_SETTINGS, derive_fine_grained, explicit_conflicts
+from megatron_moe_ext.layers.query_norm import QUERY_NORMS
+from megatron_moe_ext.router_settings import ROUTER_TYPES, check_router_choice, product_key_layout
 
 # Megatron's own default for moe_router_topk; an unchanged default counts as "not set by the user"
 # when a granularity derives the top-k (the flag path detects an explicit value exactly).
@@ -51,6 +53,40 @@ class MoEExtConfig(TransformerConfig):
     (Transformer Engine grouped GEMMs on the same stacked weights, FP8 under TE's autocast; needs TE
     and a GPU)."""
 
+    moe_router_type: str = dataclasses.field(
+        default="topk", metadata={"argparse_meta": {"choices": ROUTER_TYPES}}
+    )
+    """Router of the MoE layers: 'topk' (Megatron's TopKRouter: a dense [hidden x experts] gate)
+    or 'product_key' (exact top-k by product keys in O(sqrt(experts)) per token; the experts form
+    heads pools of n1 x n2, see the --moe-pk-* flags)."""
+
+    moe_router_noisy_gating: bool = False
+    """Noisy top-k gating (Shazeer et al. 2017): at train time add N(0,1)*softplus(W_noise x) to the
+    router logits (product keys: to each half's sub-key scores) before the top-k."""
+
+    moe_pk_heads: int = 1
+    """Product-key heads: each owns a disjoint pool of experts/heads experts and fills
+    topk/heads of the token's top-k slots (so a token always gets topk distinct experts)."""
+
+    moe_pk_key_dim: int = 128
+    """Product-key query dimension per head (even: half scores the row sub-keys, half the column
+    sub-keys)."""
+
+    moe_pk_subkey_topk: int | None = None
+    """Sub-keys kept per side before the final top-k (>= top-k per head for exactness; default
+    the top-k per head)."""
+
+    moe_pk_grid_rows: int | None = None
+    """Rows n1 of each head's expert grid (columns = experts per head / n1); default a square
+    grid, which needs experts per head to be a perfect square."""
+
+    moe_pk_query_norm: str = dataclasses.field(
+        default="rmsnorm", metadata={"argparse_meta": {"choices": QUERY_NORMS}}
+    )
+    """Normalisation of the product-key queries: 'rmsnorm' (default), 'layernorm', 'none', or
+    'batchnorm' (PKM/PEER's choice: synchronised micro-batch statistics that leak information
+    across positions and sequences of a causal LM batch; padding excluded)."""
+
     def __post_init__(self) -> None:
         if self.moe_expert_backend not in EXPERT_BACKENDS:
             raise ValueError(
@@ -64,7 +100,30 @@ class MoEExtConfig(TransformerConfig):
                 "are sized ffn_hidden_size/G); fix: set --moe-granularity, or use Megatron's "
                 "--moe-shared-expert-intermediate-size"
             )
+        self._check_router()
         super().__post_init__()
+
+    def _check_router(self) -> None:
+        check_router_choice(
+            self.moe_router_type,
+            score_function=self.moe_router_score_function,
+            load_balancing_type=self.moe_router_load_balancing_type,
+            expert_bias=self.moe_router_enable_expert_bias,
+            num_groups=self.moe_router_num_groups,
+            group_topk=self.moe_router_group_topk,
+            router_fusion=self.moe_router_fusion,
+            force_load_balancing=self.moe_router_force_load_balancing,
+            routing_replay=self.moe_enable_routing_replay,
+        )
+        if self.moe_router_type == "product_key":
+            product_key_layout(
+                self.num_moe_experts,
+                self.moe_router_topk,
+                heads=self.moe_pk_heads,
+                key_dim=self.moe_pk_key_dim,
+                subkey_topk=self.moe_pk_subkey_topk,
+                grid_rows=self.moe_pk_grid_rows,
+            )
 
     def _apply_granularity(self) -> None:
         if self.moe_expansion_rate is None:

@@ -1,8 +1,10 @@
 """Layer and block specs for Megatron's GPTModel.
 
 ``moe_ext_gpt_block_spec`` is what our entries use: the same block with this package's layers in
-Megatron's slots (``FineGrainedExperts`` in the MoE layers' experts slot unless
-``moe_expert_backend == 'megatron'``).
+Megatron's slots, chosen by the config: ``FineGrainedExperts`` in the MoE layers' experts slot
+unless ``moe_expert_backend == 'megatron'``; in the router slot ``ProductKeyRouter`` for
+``moe_router_type == 'product_key'``, ``NoisyTopKRouter`` for noisy gating with the top-k router,
+else Megatron's TopKRouter.
 
 ``local_gpt_block_spec`` is Megatron's own local (non-TE) decoder block spec, with every norm
 replaced by ``SequenceParallelTorchNorm`` so that sequence parallelism works without TE/apex. It has
@@ -24,7 +26,9 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe_ext.layers.fine_grained_experts import FineGrainedExperts
+from megatron_moe_ext.layers.noisy_gating import NoisyTopKRouter
 from megatron_moe_ext.layers.norms import SequenceParallelTorchNorm
+from megatron_moe_ext.layers.product_key_router import ProductKeyRouter
 
 
 _REPLACEABLE_NORMS: tuple[type, ...] = (WrappedTorchNorm,)
@@ -69,23 +73,43 @@ def local_gpt_block_spec(config: TransformerConfig, vp_stage: int | None = None)
     return dataclasses.replace(block, layer_specs=layers, layer_norm=SequenceParallelTorchNorm)
 
 
-def _with_experts(layer_spec: ModuleSpec, experts: type) -> ModuleSpec:
-    """The layer spec with ``experts`` in its MoELayer's experts slot (dense layers unchanged)."""
+def _with_moe_submodules(layer_spec: ModuleSpec, **replacements: type) -> ModuleSpec:
+    """The layer spec with its MoELayer's submodules (experts, router) replaced; dense layers unchanged."""
     mlp = layer_spec.submodules.mlp
-    if not (isinstance(mlp, functools.partial) and isinstance(mlp.func, type) and issubclass(mlp.func, MoELayer)):
+    if not replacements or not (
+        isinstance(mlp, functools.partial) and isinstance(mlp.func, type) and issubclass(mlp.func, MoELayer)
+    ):
         return layer_spec
-    moe_submodules = dataclasses.replace(mlp.keywords["submodules"], experts=experts)
+    moe_submodules = dataclasses.replace(mlp.keywords["submodules"], **replacements)
     new_mlp = functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": moe_submodules})
     return dataclasses.replace(layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=new_mlp))
+
+
+def _with_experts(layer_spec: ModuleSpec, experts: type) -> ModuleSpec:
+    """The layer spec with ``experts`` in its MoELayer's experts slot (dense layers unchanged)."""
+    return _with_moe_submodules(layer_spec, experts=experts)
+
+
+def router_class(config: TransformerConfig) -> type | None:
+    """The router our config asks for, or None for Megatron's own TopKRouter."""
+    if getattr(config, "moe_router_type", "topk") == "product_key":
+        return ProductKeyRouter
+    if getattr(config, "moe_router_noisy_gating", False):
+        return NoisyTopKRouter
+    return None
 
 
 def moe_ext_gpt_block_spec(config: TransformerConfig, vp_stage: int | None = None) -> TransformerBlockSubmodules:
     """``local_gpt_block_spec`` with this package's layers chosen by the config's fields."""
     config = getattr(config, "transformer", config)
     block = local_gpt_block_spec(config, vp_stage=vp_stage)
-    if getattr(config, "moe_expert_backend", "megatron") == "megatron":
-        return block
-    layers = [_with_experts(spec, FineGrainedExperts) for spec in block.layer_specs]
+    replacements: dict[str, type] = {}
+    if getattr(config, "moe_expert_backend", "megatron") != "megatron":
+        replacements["experts"] = FineGrainedExperts
+    router = router_class(config)
+    if router is not None:
+        replacements["router"] = router
+    layers = [_with_moe_submodules(spec, **replacements) for spec in block.layer_specs]
     return dataclasses.replace(block, layer_specs=layers)
 
 

@@ -91,6 +91,38 @@ def _half_scores(q_THD2: Tensor, keys: Tensor) -> Tensor:
     return torch.bmm(q_THD2.transpose(0, 1), keys.transpose(1, 2)).transpose(0, 1)  # [H,T,D2] @ [H,D2,n]
 
 
+def product_key_half_scores(queries_THD: Tensor, subkeys: SubKeys) -> tuple[Tensor, Tensor]:
+    """The two halves' scores against every sub-key: a_THn1 = q1 . C_row, b_THn2 = q2 . C_col.
+
+    The full score of expert (i, j) is a[i] + b[j], so anything separable over the grid (the
+    log-partition function, marginals) is computed from these in O(n1 + n2) per token and head.
+    Shapes and validation as in :func:`product_key_topk` (k is not involved here).
+    """
+    rows, cols = _split_subkeys(subkeys)
+    _validate(queries_THD, rows, cols, 1, None)
+    q1_THD2, q2_THD2 = queries_THD.chunk(2, dim=-1)
+    return _half_scores(q1_THD2, rows), _half_scores(q2_THD2, cols)
+
+
+def topk_from_half_scores(a_THn1: Tensor, b_THn2: Tensor, k: int, *, subkey_topk: int | None = None) -> tuple[Tensor, Tensor]:
+    """Exact top-k of a[i] + b[j] over the n1 x n2 grid: scores_THK sorted descending, ids = i * n2 + j.
+
+    Each side keeps min(subkey_topk or k, n) candidates (``subkey_topk`` >= k, as validated by
+    :func:`product_key_topk`); differentiable with respect to a and b.
+    """
+    n1, n2 = a_THn1.shape[-1], b_THn2.shape[-1]
+    kp = k if subkey_topk is None else subkey_topk
+    k1, k2 = min(kp, n1), min(kp, n2)
+    a_THk1, row_THk1 = torch.topk(a_THn1, k1, dim=-1, sorted=True)
+    b_THk2, col_THk2 = torch.topk(b_THn2, k2, dim=-1, sorted=True)
+    # k'^2 candidate sums; topk's backward scatters gradients back into a and b, hence into q, C and C'.
+    cand_THC = (a_THk1.unsqueeze(-1) + b_THk2.unsqueeze(-2)).flatten(-2)
+    scores_THK, flat_THK = torch.topk(cand_THC, k, dim=-1, sorted=True)
+    rows_THK = torch.gather(row_THk1, -1, torch.div(flat_THK, k2, rounding_mode="floor"))
+    cols_THK = torch.gather(col_THk2, -1, flat_THK % k2)
+    return scores_THK, rows_THK * n2 + cols_THK
+
+
 def product_key_topk(queries_THD: Tensor, subkeys: SubKeys, k: int, *, subkey_topk: int | None = None) -> tuple[Tensor, Tensor]:
     """Exact top-k over the n1*n2 product keys in O((n1 + n2 + k'^2) D) per token and head.
 
@@ -102,16 +134,9 @@ def product_key_topk(queries_THD: Tensor, subkeys: SubKeys, k: int, *, subkey_to
     ids_THK int64 = row * n2 + col.
     """
     rows, cols = _split_subkeys(subkeys)
-    k1, k2 = _validate(queries_THD, rows, cols, k, subkey_topk)
+    _validate(queries_THD, rows, cols, k, subkey_topk)
     q1_THD2, q2_THD2 = queries_THD.chunk(2, dim=-1)
-    a_THk1, row_THk1 = torch.topk(_half_scores(q1_THD2, rows), k1, dim=-1, sorted=True)
-    b_THk2, col_THk2 = torch.topk(_half_scores(q2_THD2, cols), k2, dim=-1, sorted=True)
-    # k'^2 candidate sums; topk's backward scatters gradients back into a and b, hence into q, C and C'.
-    cand_THC = (a_THk1.unsqueeze(-1) + b_THk2.unsqueeze(-2)).flatten(-2)
-    scores_THK, flat_THK = torch.topk(cand_THC, k, dim=-1, sorted=True)
-    rows_THK = torch.gather(row_THk1, -1, torch.div(flat_THK, k2, rounding_mode="floor"))
-    cols_THK = torch.gather(col_THk2, -1, flat_THK % k2)
-    return scores_THK, rows_THK * cols.shape[-2] + cols_THK
+    return topk_from_half_scores(_half_scores(q1_THD2, rows), _half_scores(q2_THD2, cols), k, subkey_topk=subkey_topk)
 
 
 def product_key_topk_reference(queries_THD: Tensor, subkeys: SubKeys, k: int, *, subkey_topk: int | None = None) -> tuple[Tensor, Tensor]:

@@ -73,6 +73,13 @@ OUR_FLAGS = [
     "--moe-base-topk",
     "--moe-num-shared-experts",
     "--moe-expert-backend",
+    "--moe-router-type",
+    "--moe-router-noisy-gating",
+    "--moe-pk-heads",
+    "--moe-pk-key-dim",
+    "--moe-pk-subkey-topk",
+    "--moe-pk-grid-rows",
+    "--moe-pk-query-norm",
 ]
 
 

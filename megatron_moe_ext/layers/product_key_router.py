@@ -1,0 +1,257 @@
+"""``ProductKeyRouter``: exact top-k over N = heads * n1 * n2 experts at O(sqrt N) cost per token,
+for Megatron's MoELayer (Lample et al. 2019, PKM; He 2024, PEER arXiv 2407.04153).
+
+Math. A token's query q = norm(W_q x), one D-vector per head, is split in halves [q1; q2]. Expert
+(i, j) of head h's pool has the full key [c_h,i; c'_h,j], so its logit is s = a_h,i + b_h,j with
+a = q1 . C_h, b = q2 . C'_h: a dense router whose [N x hidden] gate has rank <= heads*D. Top-k
+over s is exact via the product-key core (``kernels/product_keys.py``); everything else Megatron
+computes from dense logits is separable over the grid and computed in O(n1 + n2):
+log-partition logZ = logsumexp_h(lse_i a_h,i + lse_j b_h,j) (for pre-softmax gates and the
+z-loss), and the full softmax p_h,ij = exp(a_h,i + b_h,j - logZ).
+
+Heads own disjoint pools: head h routes among experts [h*N/heads, (h+1)*N/heads) and fills
+topk/heads of the token's top-k slots, so every row of the routing map has exactly topk distinct
+experts (a union of overlapping heads could not guarantee that). The gates are Megatron's,
+computed over the token's topk selected logits jointly: softmax over them (or, with
+``moe_router_pre_softmax``, the full softmax over all N), or sigmoid normalised over them; then
+``moe_router_topk_scaling_factor``. With one head the router equals a TopKRouter whose gate weight
+is the full key matrix times W_q (tested that way).
+
+Megatron contract: ``forward(hidden [S, B, h], padding_mask [S, B] True = padding)`` returns dense
+probs [S*B, N] and a bool routing map [S*B, N], so every dispatcher, capacity dropping, EP and
+TP+SP work unchanged. Megatron's aux losses (aux_loss, seq_aux_loss, global_aux_loss) are applied
+by TopKRouter's own code to the full softmax, which is materialised as [T, N] only when one of
+them is on (the routing outputs are [T, N] anyway); the z-loss uses logZ. Retrieval runs in fp32
+(fp64 with ``--moe-router-dtype fp64``). Parameters are replicated and marked
+``sequence_parallel`` like Megatron's router weight.
+
+Legend: S sequence, B micro-batch, T = S*B tokens, h hidden, H heads, D key dim (D2 = D/2),
+n1 x n2 grid per head, N experts, K top-k of the token (k = K/H per head).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    ProcessGroupCollection,
+    apply_router_token_dropping,
+)
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_moe_ext.kernels.product_keys import product_key_half_scores, topk_from_half_scores
+from megatron_moe_ext.layers.noisy_gating import add_gating_noise
+from megatron_moe_ext.layers.query_norm import QueryNorm
+from megatron_moe_ext.router_settings import check_router_choice, product_key_layout
+
+
+def product_key_log_partition(a_THn1: torch.Tensor, b_THn2: torch.Tensor) -> torch.Tensor:
+    """logZ_T = log sum over all heads and grid cells of exp(a_h,i + b_h,j), in O(n1 + n2)."""
+    return torch.logsumexp(torch.logsumexp(a_THn1, -1) + torch.logsumexp(b_THn2, -1), dim=-1)
+
+
+def product_key_full_scores(a_THn1: torch.Tensor, b_THn2: torch.Tensor, score_function: str) -> torch.Tensor:
+    """The router's normalised scores over all N experts, [T, N] (Megatron's scores for aux
+    losses: full softmax, or sigmoid normalised to sum 1)."""
+    T = a_THn1.shape[0]
+    logits_THnn = a_THn1.unsqueeze(-1) + b_THn2.unsqueeze(-2)
+    if score_function == "softmax":
+        logz_T = product_key_log_partition(a_THn1, b_THn2)
+        return torch.exp(logits_THnn - logz_T.view(T, 1, 1, 1)).reshape(T, -1)
+    scores_TN = torch.sigmoid(logits_THnn).reshape(T, -1)
+    return scores_TN / (scores_TN.sum(dim=-1, keepdim=True) + 1e-20)
+
+
+class ProductKeyRouter(TopKRouter):
+    """Megatron router (``MoESubmodules.router``) selecting experts by product keys.
+
+    Settings come from the config (``MoEExtConfig``: moe_pk_heads, moe_pk_key_dim,
+    moe_pk_subkey_topk, moe_pk_grid_rows, moe_pk_query_norm, moe_router_noisy_gating) and
+    Megatron's own routing fields (topk, score function, pre-softmax, scaling factor, aux-loss
+    types and coefficients, z-loss, capacity factor, input jitter).
+    """
+
+    def __init__(
+        self, config: TransformerConfig, pg_collection: ProcessGroupCollection | None = None, is_mtp_layer: bool = False
+    ) -> None:
+        check_router_choice(
+            "product_key",
+            score_function=config.moe_router_score_function,
+            load_balancing_type=config.moe_router_load_balancing_type,
+            expert_bias=config.moe_router_enable_expert_bias,
+            num_groups=config.moe_router_num_groups,
+            group_topk=config.moe_router_group_topk,
+            router_fusion=config.moe_router_fusion,
+            force_load_balancing=config.moe_router_force_load_balancing,
+            routing_replay=config.moe_enable_routing_replay,
+        )
+        self.layout = product_key_layout(
+            config.num_moe_experts,
+            config.moe_router_topk,
+            heads=getattr(config, "moe_pk_heads", 1),
+            key_dim=getattr(config, "moe_pk_key_dim", 128),
+            subkey_topk=getattr(config, "moe_pk_subkey_topk", None),
+            grid_rows=getattr(config, "moe_pk_grid_rows", None),
+        )
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
+        # TopKRouter's constructor made a dense [N, h] gate (torch.empty: reserved, never touched,
+        # since reset_parameters is ours); product keys replace it.
+        del self.weight
+        self.weight = None
+        if self.bias is not None:
+            del self.bias
+            self.bias = None
+
+        H, D = self.layout.heads, getattr(config, "moe_pk_key_dim", 128)
+        self.key_dim = D
+        sp = config.sequence_parallel
+        self.query_weight = torch.nn.Parameter(torch.empty(H * D, config.hidden_size, dtype=torch.float32))
+        self.row_keys = torch.nn.Parameter(torch.empty(H, self.layout.rows, D // 2, dtype=torch.float32))
+        self.col_keys = torch.nn.Parameter(torch.empty(H, self.layout.cols, D // 2, dtype=torch.float32))
+        self.query_norm = QueryNorm(
+            getattr(config, "moe_pk_query_norm", "rmsnorm"), H, D,
+            stats_group=self.tp_dp_cp_group, sequence_parallel=sp,
+        )
+        self.noisy = bool(getattr(config, "moe_router_noisy_gating", False))
+        if self.noisy:
+            self.noise_row_weight = torch.nn.Parameter(torch.zeros(H * self.layout.rows, config.hidden_size))
+            self.noise_col_weight = torch.nn.Parameter(torch.zeros(H * self.layout.cols, config.hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if not hasattr(self, "row_keys"):
+            return  # called by Router.__init__ before our parameters exist
+        if self.config.perform_initialization:
+            self.config.init_method(self.query_weight)
+            # Unit-variance half scores for unit-RMS queries: std 1/sqrt(D/2) per sub-key entry.
+            std = 1.0 / math.sqrt(self.key_dim // 2)
+            torch.nn.init.normal_(self.row_keys, std=std)
+            torch.nn.init.normal_(self.col_keys, std=std)
+        for param in self.parameters():
+            param.data = param.data.to(dtype=self.config.params_dtype)
+            # Replicated over TP but fed SP-sharded tokens: partial gradients, all-reduced over TP.
+            param.sequence_parallel = self.config.sequence_parallel
+
+    def _retrieval_dtype(self) -> torch.dtype:
+        return torch.float64 if self.config.moe_router_dtype == "fp64" else torch.float32
+
+    def half_scores(
+        self, input_Th: torch.Tensor, valid_T: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """a_THn1, b_THn2: the two halves' scores of every token against every sub-key (noisy at
+        train time when noisy gating is on)."""
+        dtype = self._retrieval_dtype()
+        H, D = self.layout.heads, self.key_dim
+        x_Th = input_Th.to(dtype)
+        q_THD = torch.nn.functional.linear(x_Th, self.query_weight.to(dtype)).view(-1, H, D)
+        q_THD = self.query_norm(q_THD, valid_T).to(dtype)
+        a_THn1, b_THn2 = product_key_half_scores(q_THD, (self.row_keys.to(dtype), self.col_keys.to(dtype)))
+        if self.noisy and self.training:
+            T = x_Th.shape[0]
+            noise_a = torch.nn.functional.linear(x_Th, self.noise_row_weight.to(dtype)).view(T, H, -1)
+            noise_b = torch.nn.functional.linear(x_Th, self.noise_col_weight.to(dtype)).view(T, H, -1)
+            a_THn1, b_THn2 = add_gating_noise(a_THn1, noise_a), add_gating_noise(b_THn2, noise_b)
+        return a_THn1, b_THn2
+
+    def select(self, a_THn1: torch.Tensor, b_THn2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head's exact top-k in its own pool: logits_TK and global expert ids_TK."""
+        T, H = a_THn1.shape[:2]
+        scores_THk, local_THk = topk_from_half_scores(a_THn1, b_THn2, self.layout.k, subkey_topk=self.layout.subkey_topk)
+        offsets_H1 = torch.arange(H, device=local_THk.device).view(H, 1) * self.layout.pool_size
+        return scores_THk.reshape(T, -1), (local_THk + offsets_H1).reshape(T, -1)
+
+    def gates(self, logits_TK: torch.Tensor, logz_T: torch.Tensor | None) -> torch.Tensor:
+        """Megatron's gate functions, over the selected logits of each token."""
+        cfg = self.config
+        if cfg.moe_router_score_function == "softmax":
+            if cfg.moe_router_pre_softmax:
+                probs_TK = torch.exp(logits_TK.float() - logz_T.float().unsqueeze(-1))
+            else:
+                probs_TK = torch.softmax(logits_TK, dim=-1, dtype=torch.float32)
+        else:
+            probs_TK = torch.sigmoid(logits_TK.float())
+            if self.topk > 1:
+                probs_TK = probs_TK / (probs_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        if cfg.moe_router_topk_scaling_factor:
+            probs_TK = probs_TK * cfg.moe_router_topk_scaling_factor
+        return probs_TK
+
+    def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        seq_length, bsz = input.shape[:2]
+        input = self.apply_input_jitter(input)
+        input_Th = input.reshape(-1, input.shape[-1])
+        pad_T = padding_mask.reshape(-1).bool() if padding_mask is not None else None
+        valid_T = ~pad_T if pad_T is not None else None
+
+        a_THn1, b_THn2 = self.half_scores(input_Th, valid_T)
+        logits_TK, ids_TK = self.select(a_THn1, b_THn2)
+        need_logz = (self.config.moe_router_score_function == "softmax" and self.config.moe_router_pre_softmax) or (
+            self._z_loss_on()
+        )
+        logz_T = product_key_log_partition(a_THn1, b_THn2) if need_logz else None
+        probs_TK = self.gates(logits_TK, logz_T)
+
+        out_dtype = input.dtype if self.config.moe_router_dtype is None else self._retrieval_dtype()
+        T, N = input_Th.shape[0], self.config.num_moe_experts
+        probs_TN = torch.zeros(T, N, dtype=out_dtype, device=input.device).scatter(1, ids_TK, probs_TK.to(out_dtype))
+        routing_map_TN = torch.zeros(T, N, dtype=torch.bool, device=input.device).scatter(1, ids_TK, True)
+        map_for_aux_TN = routing_map_TN
+
+        if self._z_loss_on():
+            probs_TN = self._attach_z_loss(probs_TN, logz_T, pad_T)
+
+        if self.config.moe_expert_capacity_factor is not None:
+            probs_TN, routing_map_TN = apply_router_token_dropping(
+                probs_TN,
+                routing_map_TN,
+                router_topk=self.topk,
+                capacity_factor=self.config.moe_expert_capacity_factor,
+                drop_policy=self.config.moe_token_drop_policy,
+                pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
+            )
+
+        if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
+            scores_TN = product_key_full_scores(a_THn1, b_THn2, self.config.moe_router_score_function)
+            if pad_T is not None:
+                keep_T1 = valid_T.unsqueeze(-1)
+                scores_TN = scores_TN * keep_T1
+                map_for_aux_TN = map_for_aux_TN & keep_T1
+            padded = pad_T is not None
+            probs_TN = self._apply_aux_loss(probs_TN, scores_TN, map_for_aux_TN, with_padding_mask=padded)
+            probs_TN = self._apply_seq_aux_loss(
+                probs_TN, scores_TN, map_for_aux_TN, seq_length, bsz, with_padding_mask=padded
+            )
+            probs_TN = self._apply_global_aux_loss(probs_TN, scores_TN, map_for_aux_TN, with_padding_mask=padded)
+        return probs_TN, routing_map_TN
+
+    def _z_loss_on(self) -> bool:
+        return self.config.moe_z_loss_coeff is not None and self.training and torch.is_grad_enabled()
+
+    def _attach_z_loss(self, probs_TN: torch.Tensor, logz_T: torch.Tensor, pad_T: torch.Tensor | None) -> torch.Tensor:
+        """Megatron's z-loss (ST-MoE), mean over valid tokens of logZ^2, from the separable logZ;
+        scaled, attached and logged exactly as ``TopKRouter.apply_z_loss`` does."""
+        coeff = self.config.moe_z_loss_coeff / self.tp_cp_group.size()
+        sq_T = logz_T.float().square()
+        if pad_T is not None:
+            valid_T = (~pad_T).to(sq_T.dtype)
+            z_loss = (sq_T * valid_T).sum() / valid_T.sum().clamp(min=1.0) * coeff
+            num_local_tokens = valid_T.sum()
+        else:
+            z_loss = sq_T.mean() * coeff
+            num_local_tokens = sq_T.shape[0]
+        if self.calculate_per_token_loss:
+            probs_TN = MoEAuxLossAutoScaler.apply(probs_TN, z_loss * num_local_tokens * self.tp_cp_group.size())
+        else:
+            probs_TN = MoEAuxLossAutoScaler.apply(probs_TN, z_loss)
+        if self.is_mtp_layer and self.config.mtp_use_repeated_layer and self.config.mtp_num_layers is not None:
+            z_loss = z_loss / self.config.mtp_num_layers
+        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        layer_number = self.layer_number + self.config.num_layers if self.is_mtp_layer else self.layer_number
+        get_moe_metrics_tracker().record(
+            "z_loss", z_loss / coeff, layer_number, num_layers, avg_group=self.tp_dp_cp_group
+        )
+        return probs_TN

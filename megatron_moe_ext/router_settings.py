@@ -1,0 +1,153 @@
+"""Router choice and the product-key router's settings: checks shared by the config and the flags.
+
+Pure Python (no torch), so the flag path can refuse bad settings before any process group or
+model exists. Every refusal is a ValueError naming the values and the fix.
+
+Product-key layout (see ``layers/product_key_router.py``): the N experts are split into ``heads``
+disjoint pools of N/heads experts, each an n1 x n2 grid (square by default); each head picks
+topk/heads experts of its own pool, so every token gets exactly topk distinct experts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+ROUTER_TYPES = ("topk", "product_key")
+
+# Megatron routing options the product-key router cannot honour, with the reason.
+_PK_UNSUPPORTED_BALANCING = {
+    "sinkhorn": "Sinkhorn iterates over the dense [tokens, experts] logits, which product keys never build",
+    "quantile_balancing": "quantile balancing keeps a per-expert dual bias over dense logits",
+}
+PK_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+
+
+@dataclass(frozen=True)
+class ProductKeyLayout:
+    """Where experts sit: ``heads`` pools of ``rows x cols`` experts, ``k`` picks per head."""
+
+    heads: int
+    rows: int
+    cols: int
+    k: int
+    subkey_topk: int
+
+    @property
+    def pool_size(self) -> int:
+        return self.rows * self.cols
+
+
+def _square_hint(n: int) -> str:
+    r = math.isqrt(n)
+    return f"{r * r} or {(r + 1) ** 2}"
+
+
+def product_key_layout(
+    num_experts: int | None,
+    topk: int,
+    *,
+    heads: int = 1,
+    key_dim: int = 128,
+    subkey_topk: int | None = None,
+    grid_rows: int | None = None,
+) -> ProductKeyLayout:
+    """Checks the product-key geometry; returns the layout."""
+    if num_experts is None:
+        raise ValueError("--moe-router-type product_key needs MoE experts; fix: set --num-experts (n*n) or --moe-granularity")
+    if heads < 1:
+        raise ValueError(f"--moe-pk-heads {heads} must be >= 1")
+    if key_dim < 2 or key_dim % 2:
+        raise ValueError(
+            f"--moe-pk-key-dim {key_dim}: the query splits into two halves of key_dim/2, so it must be even "
+            f"and >= 2; fix: use {max(2, key_dim + (key_dim % 2))}"
+        )
+    if num_experts % heads:
+        raise ValueError(
+            f"num_experts={num_experts} is not divisible by --moe-pk-heads {heads} (each head owns a pool "
+            f"of num_experts/heads experts); fix: use heads dividing {num_experts}, or heads=1"
+        )
+    if topk % heads:
+        raise ValueError(
+            f"moe_router_topk={topk} is not divisible by --moe-pk-heads {heads} (each head fills "
+            f"topk/heads slots); fix: heads dividing {topk}, e.g. 1"
+        )
+    pool = num_experts // heads
+    if grid_rows is not None:
+        if grid_rows < 1 or pool % grid_rows:
+            raise ValueError(
+                f"--moe-pk-grid-rows {grid_rows} does not divide the {pool} experts per head "
+                f"(num_experts={num_experts} / heads={heads}); fix: a divisor of {pool}, or leave it unset for a square grid"
+            )
+        rows, cols = grid_rows, pool // grid_rows
+    else:
+        rows = math.isqrt(pool)
+        if rows * rows != pool:
+            raise ValueError(
+                f"{pool} experts per head (num_experts={num_experts}, heads={heads}) is not a perfect square, so "
+                f"no n x n product-key grid exists; fix: {_square_hint(pool)} experts per head, or "
+                "--moe-pk-grid-rows for a rectangular grid"
+            )
+        cols = rows
+    k = topk // heads
+    if k > min(rows, cols):
+        raise ValueError(
+            f"top-k per head {k} (moe_router_topk={topk} / heads={heads}) exceeds the {min(rows, cols)} sub-keys "
+            f"of a side of the {rows} x {cols} grid: product keys would then search the whole pool; fix: "
+            f"more experts (>= {k} x {k} per head), more heads, or a smaller top-k"
+        )
+    kp = k if subkey_topk is None else subkey_topk
+    if kp < k:
+        raise ValueError(
+            f"--moe-pk-subkey-topk {kp} < top-k per head {k}: the search is exact only if each side keeps "
+            f">= k sub-keys; fix: --moe-pk-subkey-topk >= {k}, or leave it unset (= k)"
+        )
+    if kp > max(rows, cols):
+        raise ValueError(
+            f"--moe-pk-subkey-topk {kp} exceeds the sub-keys per side ({rows} x {cols} grid); fix: <= {max(rows, cols)}"
+        )
+    return ProductKeyLayout(heads=heads, rows=rows, cols=cols, k=k, subkey_topk=kp)
+
+
+def check_router_choice(
+    router_type: str,
+    *,
+    score_function: str = "softmax",
+    load_balancing_type: str | list[str] | None = None,
+    expert_bias: bool = False,
+    num_groups: int | None = None,
+    group_topk: int | None = None,
+    router_fusion: bool = False,
+    force_load_balancing: bool = False,
+    routing_replay: bool = False,
+) -> None:
+    """Refuses Megatron routing options that the chosen router cannot honour."""
+    if router_type not in ROUTER_TYPES:
+        raise ValueError(f"--moe-router-type {router_type!r} is unknown; choose from {', '.join(ROUTER_TYPES)}")
+    if router_type != "product_key":
+        return
+    types = load_balancing_type if isinstance(load_balancing_type, list) else [load_balancing_type]
+    for t in types:
+        if t in _PK_UNSUPPORTED_BALANCING:
+            raise ValueError(
+                f"--moe-router-type product_key with --moe-router-load-balancing-type {t}: "
+                f"{_PK_UNSUPPORTED_BALANCING[t]}; fix: aux_loss, seq_aux_loss, global_aux_loss or none"
+            )
+    if score_function not in PK_SCORE_FUNCTIONS:
+        raise ValueError(
+            f"--moe-router-type product_key with --moe-router-score-function {score_function}; fix: one of "
+            f"{', '.join(PK_SCORE_FUNCTIONS)}"
+        )
+    refusals = [
+        (expert_bias, "--moe-router-enable-expert-bias", "a dense per-expert bias breaks the separable "
+         "product-key scores; fix: drop it (separable row/column biases are a separate feature)"),
+        (num_groups or group_topk, "--moe-router-num-groups/--moe-router-group-topk",
+         "group-limited routing needs dense scores; fix: drop them (heads give disjoint expert pools)"),
+        (router_fusion, "--moe-router-fusion", "TE's fused top-k works on dense logits; fix: drop it"),
+        (force_load_balancing, "--moe-router-force-load-balancing",
+         "it replaces dense logits by random ones; fix: drop it"),
+        (routing_replay, "--moe-enable-routing-replay", "replay records dense top-k; fix: drop it"),
+    ]
+    for bad, flag, why in refusals:
+        if bad:
+            raise ValueError(f"--moe-router-type product_key with {flag}: {why}")
