@@ -107,11 +107,25 @@ class FineGrainedExperts(MegatronModule):
         if self.config.moe_apply_probs_on_input:
             x_NH = (probs_N.unsqueeze(-1) * x_NH).to(x_NH.dtype)
             probs_N = torch.ones_like(probs_N)
+        if x_NH.shape[0] == 0:
+            return self._empty_output(x_NH, probs_N), None
         counts = tokens_per_expert.tolist() if isinstance(tokens_per_expert, torch.Tensor) else list(tokens_per_expert)
         out_NH = self._kernel(
             x_NH, counts, self.linear_fc1.weight, self.linear_fc2.weight, probs_N, self._activation
         )
         return out_NH, None
+
+    def _empty_output(self, x_NH: torch.Tensor, probs_N: torch.Tensor) -> torch.Tensor:
+        """[0, H] computed from the (empty) input and the weights, so it stays in the autograd graph.
+
+        When this EP rank receives no tokens, the dispatcher's combine all-to-all must still run in
+        backward here, as on the other ranks; a fresh zeros tensor would cut the graph and leave the
+        other ranks waiting in a mismatched collective (seen as a gloo size error in training).
+        """
+        w1_F1H, w2_HF = self.linear_fc1.weight[0], self.linear_fc2.weight[0]
+        h_NF = self._activation(torch.nn.functional.linear(x_NH, w1_F1H))
+        h_NF = (h_NF * probs_N.unsqueeze(-1)).to(h_NF.dtype)
+        return torch.nn.functional.linear(h_NF, w2_HF)
 
     def backward_dw(self) -> None:
         """No deferred weight-gradient computation (called by Megatron's delayed-wgrad schedule)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_moe_ext.testing import run_distributed
 from test_checkpoint import load_and_probe, train_and_save
@@ -63,3 +64,47 @@ def test_checkpoint_sequential_mlp_ep1_loads_into_ours_ep2(tmp_path) -> None:
     loaded = run_distributed(load_and_probe, 2, ckpt, {"ep": 2}, FINE)
     for _fresh, restored in loaded:
         torch.testing.assert_close(restored, saved, rtol=1e-5, atol=1e-5)
+
+
+class _FirstExpertsRouter(TopKRouter):
+    """A real TopKRouter that routes every token to experts 0 and 1 (EP rank 0's), so EP rank 1
+    receives no tokens at all."""
+
+    def routing(self, logits: torch.Tensor, padding_mask=None):
+        logits = logits.view(-1, self.config.num_moe_experts)
+        probs = torch.zeros_like(logits)
+        probs[:, :2] = torch.softmax(logits[:, :2], dim=-1)
+        return probs, probs > 0
+
+
+def step_with_an_idle_expert_rank(parallel: dict) -> dict:
+    import dataclasses
+
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_moe_ext.specs import _with_moe_submodules, moe_ext_gpt_block_spec
+    from megatron_moe_ext.testing.tiny import (
+        SEQ_LEN, VOCAB_SIZE, data_parallel_slice, forward_backward, initialize_parallel, make_batches,
+        parallel_sizes, tiny_config, wrap_ddp,
+    )
+
+    initialize_parallel(seed=5, **parallel)
+    config = tiny_config(**FINE, **parallel_sizes(**parallel))
+    block = moe_ext_gpt_block_spec(config)
+    block = dataclasses.replace(block, layer_specs=[_with_moe_submodules(s, router=_FirstExpertsRouter) for s in block.layer_specs])
+    torch.manual_seed(0)
+    model = GPTModel(config=config, transformer_layer_spec=block, vocab_size=VOCAB_SIZE, max_sequence_length=SEQ_LEN,
+                     position_embedding_type="rope")
+    ddp = wrap_ddp(model)
+    losses = forward_backward(ddp, [data_parallel_slice(b) for b in make_batches(2, batch_size=2, seed=3)])
+    grad = model.decoder.layers[0].mlp.experts.linear_fc1.weight.main_grad
+    return {"losses": losses, "expert_grad_norm": float(grad.norm())}
+
+
+@pytest.mark.world_size(2)
+def test_expert_rank_without_tokens_still_joins_backward(distributed) -> None:
+    """Regression: an EP rank with no routed tokens returned a graph-less empty output, skipped the
+    combine all-to-all in backward and broke training with a gloo size mismatch."""
+    rank0, rank1 = distributed(step_with_an_idle_expert_rank, {"ep": 2}, timeout_s=120)
+    assert all(torch.isfinite(torch.tensor(r["losses"])).all() for r in (rank0, rank1))
+    assert rank0["expert_grad_norm"] > 0 and rank1["expert_grad_norm"] == 0
