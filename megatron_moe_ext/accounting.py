@@ -11,7 +11,10 @@ Parameters (exactly what Megatron's ``GPTModel`` allocates; ``b`` = bias terms w
     dense MLP   per dense layer: g*f*h + f*h  [+ g*f + h b]
     experts     per MoE layer: E * (g*fe*h + fe*h  [+ g*fe + h b])
     shared      per MoE layer: g*fs*h + fs*h  [+ h shared-expert gate]   (Megatron: no bias allowed)
-    router      per MoE layer: E*h  [+ E b]
+    router      per MoE layer: E*h  [+ E b]  [+ E*h noise weights with noisy gating]
+                product keys (Hk heads, D key dim, n1 x n2 grid per head): Hk*D*h (query) + Hk*(n1+n2)*D/2
+                (sub-keys) + query-norm affine (Hk*D rmsnorm, 2*Hk*D layernorm/batchnorm)
+                [+ Hk*(n1+n2)*h noise weights]
     norms       L * 2*n(h) (input + pre-MLP) + n(h) (final)
 Active parameters per token: total minus the (E - k) experts a token does not visit in each MoE layer
 (embeddings, router and shared experts count as active).
@@ -22,7 +25,8 @@ Megatron's ``num_floating_point_operations``):
                          + 2*nq*d*(s/2) + 2*nq*d*(s/2)          (QK^T scores, attention over values)
     dense MLP   per dense layer: 2*g*f*h + 2*f*h
     MoE         per MoE layer: k*(2*g*fe*h + 2*fe*h) + 2*g*fs*h + 2*fs*h [+ 2*h shared gate]
-    router      per MoE layer: 2*h*E   (the only term that grows with the number of experts)
+    router      per MoE layer: 2*h*E   (the only term that grows with the number of experts) [x2 noisy]
+                product keys: 2*h*Hk*D + 2*Hk*(n1+n2)*D/2  [+ 2*h*Hk*(n1+n2) noisy]: O(sqrt E)
     logits      2*h*V
 NOT counted: norms, activations, softmax, biases, residual adds, embedding lookups, token dispatch.
 Training = 3 x forward (forward, backward w.r.t. activations, backward w.r.t. weights). Inference =
@@ -71,6 +75,12 @@ class ModelShape:
     topk: int | None = None
     shared_expert_intermediate_size: int | None = None
     shared_expert_gate: bool = False
+    router_type: str = "topk"
+    noisy_gating: bool = False
+    pk_heads: int = 1
+    pk_key_dim: int = 128
+    pk_grid_rows: int | None = None
+    pk_query_norm: str = "rmsnorm"
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "seq_length"):
@@ -193,7 +203,8 @@ def account(shape: ModelShape) -> Accounting:
     expert_params = n_moe * E * one_expert
     shared = n_moe * ((mlp(fs, 0) if fs else 0) + (h if fs and shape.shared_expert_gate else 0))
     mlp_params = n_dense * mlp(shape.ffn_hidden_size, bias) + expert_params + shared
-    router = n_moe * (E * h + bias * E)
+    router_layer, router_flops_layer = _router_terms(shape, h, E, k, bias) if n_moe else (0, 0)
+    router = n_moe * router_layer
     attention = shape.num_layers * attn_layer
     norms = shape.num_layers * 2 * norm(h) + norm(h)
     total = embedding + attention + mlp_params + router + norms
@@ -204,7 +215,7 @@ def account(shape: ModelShape) -> Accounting:
     dense_mlp_flops = 2 * (g + 1) * shape.ffn_hidden_size * h
     moe_flops = k * 2 * (g + 1) * fe * h + 2 * (g + 1) * fs * h + (2 * h if fs and shape.shared_expert_gate else 0)
     mlp_flops = n_dense * dense_mlp_flops + n_moe * moe_flops
-    router_flops = n_moe * 2 * h * E
+    router_flops = n_moe * router_flops_layer
     logits_flops = 2 * h * V
     forward = attn_flops + mlp_flops + router_flops + logits_flops
     return Accounting(
@@ -231,6 +242,24 @@ def account(shape: ModelShape) -> Accounting:
         training_flops_per_token=3 * forward,
         inference_flops_per_token=forward,
     )
+
+
+def _router_terms(shape: ModelShape, h: int, E: int, k: int, bias: int) -> tuple[int, int]:
+    """(parameters, forward FLOPs per token) of one MoE layer's router."""
+    if shape.router_type != "product_key":
+        noisy = 2 if shape.noisy_gating else 1
+        return noisy * E * h + bias * E, noisy * 2 * h * E
+    from megatron_moe_ext.router_settings import product_key_layout
+
+    lay = product_key_layout(E, k, heads=shape.pk_heads, key_dim=shape.pk_key_dim, grid_rows=shape.pk_grid_rows)
+    Hk, D, sides = lay.heads, shape.pk_key_dim, lay.rows + lay.cols
+    norm = {"none": 0, "rmsnorm": 1, "layernorm": 2, "batchnorm": 2}[shape.pk_query_norm] * Hk * D
+    params = Hk * D * h + Hk * sides * D // 2 + norm
+    flops = 2 * h * Hk * D + 2 * Hk * sides * D // 2
+    if shape.noisy_gating:
+        params += Hk * sides * h
+        flops += 2 * h * Hk * sides
+    return params, flops
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tensor_parallel_size: int = 1) -> int:
@@ -296,6 +325,12 @@ def shape_from_args(args: Any) -> ModelShape:
         topk=args.moe_router_topk,
         shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
         shared_expert_gate=bool(getattr(args, "moe_shared_expert_gate", False)),
+        router_type=getattr(args, "moe_router_type", "topk"),
+        noisy_gating=bool(getattr(args, "moe_router_noisy_gating", False)),
+        pk_heads=getattr(args, "moe_pk_heads", 1),
+        pk_key_dim=getattr(args, "moe_pk_key_dim", 128),
+        pk_grid_rows=getattr(args, "moe_pk_grid_rows", None),
+        pk_query_norm=getattr(args, "moe_pk_query_norm", "rmsnorm"),
     )
 
 

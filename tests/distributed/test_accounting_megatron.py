@@ -42,6 +42,20 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], ModelShape]] = [
      ModelShape(**{**BASE, "num_layers": 4}, **MOE, moe_layer_pattern=(1, 0, 1, 0), num_query_groups=2,
                 kv_channels=16, gated_linear_unit=True, shared_expert_intermediate_size=64, shared_expert_gate=True,
                 position_embedding_type="rope", share_embeddings_and_output_weights=False)),
+    ("product_key_router_layernorm",
+     dict(num_moe_experts=16, moe_router_type="product_key", moe_pk_key_dim=8, moe_pk_query_norm="layernorm"),
+     dict(position_embedding_type="rope", share_embeddings_and_output_weights=True),
+     ModelShape(**BASE, num_experts=16, topk=2, router_type="product_key", pk_key_dim=8, pk_query_norm="layernorm",
+                position_embedding_type="rope")),
+    ("product_key_two_heads_rect_noisy",
+     dict(num_moe_experts=24, moe_router_topk=4, moe_router_type="product_key", moe_pk_heads=2, moe_pk_key_dim=8,
+          moe_pk_grid_rows=3, moe_router_noisy_gating=True),
+     dict(position_embedding_type="rope", share_embeddings_and_output_weights=True),
+     ModelShape(**BASE, num_experts=24, topk=4, router_type="product_key", pk_heads=2, pk_key_dim=8, pk_grid_rows=3,
+                noisy_gating=True, position_embedding_type="rope")),
+    ("noisy_topk", dict(moe_router_noisy_gating=True),
+     dict(position_embedding_type="rope", share_embeddings_and_output_weights=True),
+     ModelShape(**BASE, **MOE, noisy_gating=True, position_embedding_type="rope")),
 ]
 
 
@@ -49,7 +63,7 @@ def count_megatron_params(cases: list[tuple[str, dict[str, Any], dict[str, Any]]
     """Build each GPTModel on this rank and count its parameters (total and router)."""
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_moe_ext.specs import local_gpt_block_spec
+    from megatron_moe_ext.specs import moe_ext_gpt_block_spec
     from megatron_moe_ext.testing.tiny import initialize_parallel, tiny_config
 
     initialize_parallel()
@@ -57,7 +71,7 @@ def count_megatron_params(cases: list[tuple[str, dict[str, Any], dict[str, Any]]
     for name, overrides, model_kwargs in cases:
         config = tiny_config(**overrides)
         kwargs = {"vocab_size": VOCAB, "max_sequence_length": SEQ, **model_kwargs}
-        model = GPTModel(config=config, transformer_layer_spec=local_gpt_block_spec(config), **kwargs)
+        model = GPTModel(config=config, transformer_layer_spec=moe_ext_gpt_block_spec(config), **kwargs)
         named = dict(model.named_parameters())
         out[name] = {
             "total": sum(p.numel() for p in model.parameters()),
@@ -77,5 +91,6 @@ def test_param_counts_match_megatron() -> None:
         got = counts[name]
         assert got["total"] == acc.total_params, (name, got, acc)
         assert got["router"] == acc.router_params, (name, got, acc)
-        # Megatron's router weight is [num_experts, hidden] per MoE layer.
-        assert got["router_weight"] == acc.num_moe_layers * acc.num_experts * shape.hidden_size, name
+        # Megatron's router weight is [num_experts, hidden] per MoE layer; product keys have none.
+        dense_gate = shape.router_type != "product_key"
+        assert got["router_weight"] == dense_gate * acc.num_moe_layers * acc.num_experts * shape.hidden_size, name

@@ -199,3 +199,19 @@ def test_flops_cli_needs_vocab_size(capsys: pytest.CaptureFixture[str]) -> None:
         main(["flops", *argv, "--json"])
     assert exc.value.code == 2
     assert "flops needs --vocab-size" in capsys.readouterr().err
+
+
+def test_product_key_router_hand_computed_and_sqrt_growth() -> None:
+    base = dict(num_layers=1, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, vocab_size=64,
+                seq_length=16, add_bias_linear=False, normalization="RMSNorm", topk=4)
+    pk = account(ModelShape(**base, num_experts=2 * 64, router_type="product_key", pk_heads=2, pk_key_dim=16,
+                            pk_query_norm="batchnorm", noisy_gating=True))
+    # 2 heads of 8x8: query 2*16*64, sub-keys 2*(8+8)*8, batchnorm affine 2*2*16, noise 2*(8+8)*64.
+    assert pk.router_params == 2 * 16 * 64 + 2 * 16 * 8 + 2 * 2 * 16 + 2 * 16 * 64
+    assert pk.router_flops_per_token == 2 * 64 * 32 + 2 * 2 * 16 * 8 + 2 * 64 * 2 * 16
+    dense = account(ModelShape(**base, num_experts=128, noisy_gating=True))
+    assert dense.router_params == 2 * 128 * 64 and dense.router_flops_per_token == 2 * 2 * 64 * 128
+    # 256x more experts: the dense router term grows 256x, the product-key one at most sqrt(256) = 16x.
+    small, large = (account(ModelShape(**base, num_experts=n, router_type="product_key", pk_key_dim=16))
+                    for n in (64, 64 * 256))
+    assert large.router_flops_per_token <= 16 * small.router_flops_per_token

@@ -37,3 +37,15 @@ def test_bench_fine_grained_smoke(tmp_path: Path) -> None:
     section = markdown.read_text()
     assert section.startswith("## Fine-grained experts vs SequentialMLP (CPU)")
     assert "| benchmark | G |" in section
+
+
+def test_bench_router_smoke(tmp_path: Path) -> None:
+    markdown = tmp_path / "results.md"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_router.py"), "--smoke", "--markdown", str(markdown)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "speed-up" in proc.stdout and "goal" in proc.stdout, proc.stdout
+    assert "| N | n | topk ms |" in markdown.read_text()
