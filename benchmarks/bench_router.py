@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, help=f"hidden size (default {FULL['hidden']})")
     parser.add_argument("--topk", type=int, help=f"experts per token (default {FULL['topk']})")
     parser.add_argument("--key-dim", type=int, help=f"product-key query width d_key (default {FULL['key_dim']})")
-    parser.add_argument("--query-norm", default="rmsnorm", help="product-key query norm timed (default rmsnorm)")
+    parser.add_argument("--query-norm", default="batchnorm", help="product-key query norm timed (default batchnorm, the router's default)")
     parser.add_argument("--repeats", type=int, help=f"timed interleaved repeats, >= {MIN_REPEATS} (default {FULL['repeats']})")
     parser.add_argument("--warmup", type=int, help=f"untimed rounds (default {FULL['warmup']})")
     parser.add_argument("--threads", type=int, default=None)

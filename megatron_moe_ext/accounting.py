@@ -80,7 +80,7 @@ class ModelShape:
     pk_heads: int = 1
     pk_key_dim: int = 128
     pk_grid_rows: int | None = None
-    pk_query_norm: str = "rmsnorm"
+    pk_query_norm: str = "batchnorm"
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "seq_length"):
@@ -330,7 +330,7 @@ def shape_from_args(args: Any) -> ModelShape:
         pk_heads=getattr(args, "moe_pk_heads", 1),
         pk_key_dim=getattr(args, "moe_pk_key_dim", 128),
         pk_grid_rows=getattr(args, "moe_pk_grid_rows", None),
-        pk_query_norm=getattr(args, "moe_pk_query_norm", "rmsnorm"),
+        pk_query_norm=getattr(args, "moe_pk_query_norm", "batchnorm"),
     )
 
 
@@ -340,6 +340,21 @@ def _flops(x: int) -> str:
 
 def _params(n: int) -> str:
     return f"{n / 1e6:10.3f} M  ({n:,})"
+
+
+def _router_kind(acc: Accounting) -> str:
+    if not acc.num_moe_layers:
+        return ""
+    shape = acc.shape
+    noisy = ", noisy gating" if shape.noisy_gating else ""
+    if shape.router_type != "product_key":
+        return f"  [dense top-k{noisy}]"
+    from megatron_moe_ext.router_settings import product_key_layout
+
+    lay = product_key_layout(acc.num_experts, acc.topk, heads=shape.pk_heads, key_dim=shape.pk_key_dim,
+                             grid_rows=shape.pk_grid_rows)
+    return (f"  [product-key: {lay.heads} head(s) x {lay.rows}x{lay.cols} grid, d_key {shape.pk_key_dim}, "
+            f"{shape.pk_query_norm} queries{noisy}]")
 
 
 def format_report(acc: Accounting) -> str:
@@ -352,7 +367,7 @@ def format_report(acc: Accounting) -> str:
         ("  embedding", _params(acc.embedding_params)),
         ("  attention", _params(acc.attention_params)),
         ("  mlp/experts", _params(acc.mlp_params)),
-        ("  router", _params(acc.router_params)),
+        ("  router", _params(acc.router_params) + _router_kind(acc)),
         ("  norms", _params(acc.norm_params)),
         ("forward / token", _flops(acc.forward_flops_per_token)),
         ("  attention", _flops(acc.attention_flops_per_token)),

@@ -81,11 +81,13 @@ class MoEExtConfig(TransformerConfig):
     grid, which needs experts per head to be a perfect square."""
 
     moe_pk_query_norm: str = dataclasses.field(
-        default="rmsnorm", metadata={"argparse_meta": {"choices": QUERY_NORMS}}
+        default="batchnorm", metadata={"argparse_meta": {"choices": QUERY_NORMS}}
     )
-    """Normalisation of the product-key queries: 'rmsnorm' (default), 'layernorm', 'none', or
-    'batchnorm' (PKM/PEER's choice: synchronised micro-batch statistics that leak information
-    across positions and sequences of a causal LM batch; padding excluded)."""
+    """Normalisation of the product-key queries: 'batchnorm' (default; PKM/PEER's choice, and the best
+    measured on the tiny model, see benchmarks/RESULTS.md: exact statistics of the whole micro-batch,
+    synchronised over SP/DP ranks, padding excluded, running statistics at eval; at train time it
+    leaks information across positions and sequences of a causal LM batch), 'rmsnorm' or
+    'layernorm' (per token, no leak), or 'none'."""
 
     def __post_init__(self) -> None:
         if self.moe_expert_backend not in EXPERT_BACKENDS:

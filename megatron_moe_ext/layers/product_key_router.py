@@ -113,7 +113,7 @@ class ProductKeyRouter(TopKRouter):
         self.row_keys = torch.nn.Parameter(torch.empty(H, self.layout.rows, D // 2, dtype=torch.float32))
         self.col_keys = torch.nn.Parameter(torch.empty(H, self.layout.cols, D // 2, dtype=torch.float32))
         self.query_norm = QueryNorm(
-            getattr(config, "moe_pk_query_norm", "rmsnorm"), H, D,
+            getattr(config, "moe_pk_query_norm", "batchnorm"), H, D,
             stats_group=self.tp_dp_cp_group, sequence_parallel=sp,
         )
         self.noisy = bool(getattr(config, "moe_router_noisy_gating", False))

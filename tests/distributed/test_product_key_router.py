@@ -305,7 +305,7 @@ PK = dict(
 # so the EP cases use it.
 SEQ_AUX = {"moe_router_load_balancing_type": "seq_aux_loss"}
 PARALLEL_CASES = {
-    "ep2_alltoall": ({"moe_token_dispatcher_type": "alltoall", **SEQ_AUX}, {"ep": 2}),
+    "ep2_alltoall_rmsnorm": ({"moe_token_dispatcher_type": "alltoall", "moe_pk_query_norm": "rmsnorm", **SEQ_AUX}, {"ep": 2}),
     "ep2_allgather_batchnorm": (
         {"moe_token_dispatcher_type": "allgather", "moe_pk_query_norm": "batchnorm", **SEQ_AUX},
         {"ep": 2},

@@ -66,7 +66,7 @@ def test_config_refuses_before_building() -> None:
     with pytest.raises(ValueError, match="sinkhorn"):
         tiny_config(num_moe_experts=16, moe_router_type="product_key", moe_router_load_balancing_type="sinkhorn")
     config = tiny_config(num_moe_experts=16, moe_router_type="product_key", moe_pk_key_dim=8)
-    assert config.moe_pk_query_norm == "rmsnorm"
+    assert config.moe_pk_query_norm == "batchnorm"
 
 
 BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "16",
