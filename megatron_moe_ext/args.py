@@ -60,6 +60,11 @@ def _check_router_args(args: argparse.Namespace) -> None:
         force_load_balancing=getattr(args, "moe_router_force_load_balancing", False),
         routing_replay=getattr(args, "moe_enable_routing_replay", False),
     )
+    if args.moe_pk_bias_balancing and args.moe_router_type != "product_key":
+        raise ValueError(
+            f"--moe-pk-bias-balancing with --moe-router-type {args.moe_router_type}: the separable biases belong "
+            "to the product-key router; fix: --moe-router-type product_key, or --moe-router-enable-expert-bias"
+        )
     if args.moe_router_type == "product_key":
         product_key_layout(
             args.num_experts,

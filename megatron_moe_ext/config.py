@@ -89,6 +89,11 @@ class MoEExtConfig(TransformerConfig):
     leaks information across positions and sequences of a causal LM batch), 'rmsnorm' or
     'layernorm' (per token, no leak), or 'none'."""
 
+    moe_pk_bias_balancing: bool = False
+    """Auxiliary-loss-free balancing for the product-key router: separable per-row and per-column
+    selection biases (gates stay unbiased), updated after each step from all-reduced counts at
+    --moe-router-bias-update-rate (Wang et al. 2024 per expert; here 2n counts per head)."""
+
     def __post_init__(self) -> None:
         if self.moe_expert_backend not in EXPERT_BACKENDS:
             raise ValueError(
@@ -117,6 +122,17 @@ class MoEExtConfig(TransformerConfig):
             force_load_balancing=self.moe_router_force_load_balancing,
             routing_replay=self.moe_enable_routing_replay,
         )
+        if self.moe_pk_bias_balancing:
+            if self.moe_router_type != "product_key":
+                raise ValueError(
+                    f"moe_pk_bias_balancing with moe_router_type={self.moe_router_type!r}: the separable "
+                    "biases belong to the product-key router; fix: --moe-router-type product_key, or "
+                    "Megatron's --moe-router-enable-expert-bias for the dense router"
+                )
+            if self.finalize_model_grads_func is None:
+                from megatron_moe_ext.balancing.bias_update import finalize_model_grads_with_balancing
+
+                self.finalize_model_grads_func = finalize_model_grads_with_balancing
         if self.moe_router_type == "product_key":
             product_key_layout(
                 self.num_moe_experts,

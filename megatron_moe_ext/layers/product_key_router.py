@@ -25,6 +25,14 @@ them is on (the routing outputs are [T, N] anyway); the z-loss uses logZ. Retrie
 (fp64 with ``--moe-router-dtype fp64``). Parameters are replicated and marked
 ``sequence_parallel`` like Megatron's router weight.
 
+Auxiliary-loss-free balancing for product keys (``moe_pk_bias_balancing``; Wang et al. 2024,
+arXiv 2408.15664, made separable): per-head row biases [H, n1] and column biases [H, n2] are added
+to a and b for the selection only (the search stays exact for the biased scores), the gates use
+the unbiased logits a_i + b_j. Row and column selection counts are accumulated during training
+and, after each step (``finalize_model_grads_with_balancing``), all-reduced over the
+tensor+data+context group and turned into bias += rate * sign(mean - count): 2n counts per head
+instead of n^2 expert counts, which stay meaningful at a million experts.
+
 Legend: S sequence, B micro-batch, T = S*B tokens, h hidden, H heads, D key dim (D2 = D/2),
 n1 x n2 grid per head, N experts, K top-k of the token (k = K/H per head).
 """
@@ -116,6 +124,13 @@ class ProductKeyRouter(TopKRouter):
             getattr(config, "moe_pk_query_norm", "batchnorm"), H, D,
             stats_group=self.tp_dp_cp_group, sequence_parallel=sp,
         )
+        self.bias_balancing = bool(getattr(config, "moe_pk_bias_balancing", False))
+        if self.bias_balancing:
+            # fp32 buffers like Megatron's expert_bias (kept fp32 in forward under Float16Module).
+            self.register_buffer("row_bias", torch.zeros(H, self.layout.rows))
+            self.register_buffer("col_bias", torch.zeros(H, self.layout.cols))
+            self.register_buffer("local_row_counts", torch.zeros(H, self.layout.rows), persistent=False)
+            self.register_buffer("local_col_counts", torch.zeros(H, self.layout.cols), persistent=False)
         self.noisy = bool(getattr(config, "moe_router_noisy_gating", False))
         if self.noisy:
             self.noise_row_weight = torch.nn.Parameter(torch.zeros(H * self.layout.rows, config.hidden_size))
@@ -157,12 +172,58 @@ class ProductKeyRouter(TopKRouter):
             a_THn1, b_THn2 = add_gating_noise(a_THn1, noise_a), add_gating_noise(b_THn2, noise_b)
         return a_THn1, b_THn2
 
-    def select(self, a_THn1: torch.Tensor, b_THn2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each head's exact top-k in its own pool: logits_TK and global expert ids_TK."""
+    def select(
+        self, a_THn1: torch.Tensor, b_THn2: torch.Tensor, valid_T: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head's exact top-k in its own pool: logits_TK and global expert ids_TK (with bias
+        balancing: selected on the biased half scores, logits unbiased, selections counted)."""
         T, H = a_THn1.shape[:2]
-        scores_THk, local_THk = topk_from_half_scores(a_THn1, b_THn2, self.layout.k, subkey_topk=self.layout.subkey_topk)
+        k, n2 = self.layout.k, self.layout.cols
+        if self.bias_balancing:
+            self._keep_bias_fp32()
+            with torch.no_grad():
+                _, local_THk = topk_from_half_scores(
+                    a_THn1 + self.row_bias.to(a_THn1.dtype), b_THn2 + self.col_bias.to(b_THn2.dtype), k,
+                    subkey_topk=self.layout.subkey_topk,
+                )
+            rows_THk, cols_THk = torch.div(local_THk, n2, rounding_mode="floor"), local_THk % n2
+            scores_THk = torch.gather(a_THn1, -1, rows_THk) + torch.gather(b_THn2, -1, cols_THk)
+            if self.training and torch.is_grad_enabled():  # not in eval, nor in activation recompute
+                self._count_selections(rows_THk, cols_THk, valid_T)
+        else:
+            scores_THk, local_THk = topk_from_half_scores(a_THn1, b_THn2, k, subkey_topk=self.layout.subkey_topk)
         offsets_H1 = torch.arange(H, device=local_THk.device).view(H, 1) * self.layout.pool_size
         return scores_THk.reshape(T, -1), (local_THk + offsets_H1).reshape(T, -1)
+
+    def _keep_bias_fp32(self) -> None:
+        for name in ("row_bias", "col_bias", "local_row_counts", "local_col_counts"):
+            buf = getattr(self, name)
+            if buf.dtype != torch.float32:
+                buf.data = buf.data.float()
+
+    @torch.no_grad()
+    def _count_selections(self, rows_THk: torch.Tensor, cols_THk: torch.Tensor, valid_T: torch.Tensor | None) -> None:
+        w_THk = torch.ones_like(rows_THk, dtype=torch.float32)
+        if valid_T is not None:
+            w_THk = w_THk * valid_T.view(-1, 1, 1).float()
+        H = rows_THk.shape[1]
+        heads_H1 = torch.arange(H, device=rows_THk.device).view(1, H, 1)
+        self.local_row_counts.view(-1).index_add_(0, (heads_H1 * self.layout.rows + rows_THk).reshape(-1), w_THk.reshape(-1))
+        self.local_col_counts.view(-1).index_add_(0, (heads_H1 * self.layout.cols + cols_THk).reshape(-1), w_THk.reshape(-1))
+
+    def balancing_counts(self) -> list[torch.Tensor]:
+        """The local selection counts a step's bias update reduces (rows, columns)."""
+        return [self.local_row_counts, self.local_col_counts] if self.bias_balancing else []
+
+    @torch.no_grad()
+    def apply_bias_update(self, row_counts_Hn1: torch.Tensor, col_counts_Hn2: torch.Tensor) -> None:
+        """bias += rate * sign(mean - count) per head and side, from all-reduced counts; resets the
+        local counts (Megatron's expert-bias rule, per sub-key)."""
+        rate = self.config.moe_router_bias_update_rate
+        for bias, counts in ((self.row_bias, row_counts_Hn1), (self.col_bias, col_counts_Hn2)):
+            bias.add_(torch.sign(counts.mean(dim=-1, keepdim=True) - counts) * rate)
+        self.local_row_counts.zero_()
+        self.local_col_counts.zero_()
 
     def gates(self, logits_TK: torch.Tensor, logz_T: torch.Tensor | None) -> torch.Tensor:
         """Megatron's gate functions, over the selected logits of each token."""
@@ -188,7 +249,7 @@ class ProductKeyRouter(TopKRouter):
         valid_T = ~pad_T if pad_T is not None else None
 
         a_THn1, b_THn2 = self.half_scores(input_Th, valid_T)
-        logits_TK, ids_TK = self.select(a_THn1, b_THn2)
+        logits_TK, ids_TK = self.select(a_THn1, b_THn2, valid_T)
         need_logz = (self.config.moe_router_score_function == "softmax" and self.config.moe_router_pre_softmax) or (
             self._z_loss_on()
         )
@@ -197,8 +258,10 @@ class ProductKeyRouter(TopKRouter):
 
         out_dtype = input.dtype if self.config.moe_router_dtype is None else self._retrieval_dtype()
         T, N = input_Th.shape[0], self.config.num_moe_experts
-        probs_TN = torch.zeros(T, N, dtype=out_dtype, device=input.device).scatter(1, ids_TK, probs_TK.to(out_dtype))
-        routing_map_TN = torch.zeros(T, N, dtype=torch.bool, device=input.device).scatter(1, ids_TK, True)
+        # In-place scatter into fresh zeros: one [T, N] allocation each (the contract's dense outputs
+        # are the only O(T N) work left); the zeros need no gradient, so backward is a gather.
+        probs_TN = torch.zeros(T, N, dtype=out_dtype, device=input.device).scatter_(1, ids_TK, probs_TK.to(out_dtype))
+        routing_map_TN = torch.zeros(T, N, dtype=torch.bool, device=input.device).scatter_(1, ids_TK, True)
         map_for_aux_TN = routing_map_TN
 
         if self._z_loss_on():

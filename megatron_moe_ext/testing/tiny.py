@@ -216,7 +216,8 @@ def forward_backward(
     """One forward/backward over ``batches`` (micro-batches) with Megatron's schedule and
     ``finalize_model_grads``; returns the per-micro-batch losses seen on the last stage."""
     config = model.config
-    config.finalize_model_grads_func = finalize_model_grads
+    if config.finalize_model_grads_func is None:  # keep a hook the config installed (bias balancing)
+        config.finalize_model_grads_func = finalize_model_grads
     model.zero_grad_buffer()
     losses = get_forward_backward_func()(
         forward_step_func=_forward_step,

@@ -80,6 +80,7 @@ OUR_FLAGS = [
     "--moe-pk-subkey-topk",
     "--moe-pk-grid-rows",
     "--moe-pk-query-norm",
+    "--moe-pk-bias-balancing",
 ]
 
 
