@@ -2,7 +2,10 @@
 
 Both are the real Megatron routers (``router(hidden [S, B, h]) -> probs [T, N], routing_map [T, N]``) on
 one gloo rank through this package's CPU runtime, same tokens, same top-k, softmax gates, no aux loss;
-backward of (probs * w).sum() with a fixed random w [T, N]. TopKRouter computes a dense [T, N] logit
+forward, then backward from a fixed random upstream gradient g [T, N] for the dense probs
+(``probs.backward(g)``: what the token dispatcher hands back). ``--consumer`` instead times
+``(probs * w).sum()`` and its backward too, an O(T N) consumer both sides pay (at N = 64K it takes
+about 1.5 s of the product-key side's 3.6 s). TopKRouter computes a dense [T, N] logit
 matrix (O(N h) per token); the product-key router scores 2 sqrt(N) sub-keys per token (O(h D + sqrt(N) D)),
 but still writes Megatron's dense [T, N] outputs, which bounds its speed-up at large N.
 
@@ -48,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help=f"timed interleaved repeats, >= {MIN_REPEATS} (default {FULL['repeats']})")
     parser.add_argument("--warmup", type=int, help=f"untimed rounds (default {FULL['warmup']})")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--consumer", action="store_true",
+                        help="time (probs * w).sum() and its backward as well (an O(T N) consumer on both sides)")
     parser.add_argument("--markdown", type=Path, default=None, help="append a results section to this markdown file")
     parser.add_argument("--smoke", action="store_true", help=f"tiny sizes (defaults {SMOKE})")
     args = parser.parse_args(argv)
@@ -127,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{key}: {value}")
     setting = (f"T={args.tokens} tokens, hidden {args.hidden}, top-{args.topk}, softmax gates, fp32, no aux loss; "
                f"product keys: 1 head, d_key {args.key_dim}, {args.query_norm} queries, square grid; forward + backward "
-               f"of (probs * w).sum(); median of {args.repeats} interleaved repeats (warmup {args.warmup})")
+               + ("of (probs * w).sum() (consumer included)" if args.consumer else "from a fixed upstream gradient for the dense probs")
+               + f"; median of {args.repeats} interleaved repeats (warmup {args.warmup})")
     print(setting)
     headers = ["N", "n", "topk ms", "product-key ms", "speed-up", "per-repeat speed-up (min-max)", "CPU-time speed-up"]
     rows, speedups = [], {}
@@ -146,7 +152,10 @@ def main(argv: list[str] | None = None) -> None:
         def step(name: str):
             def run() -> None:
                 probs, _ = routers[name](inputs[name])
-                (probs * w).sum().backward()
+                if args.consumer:
+                    (probs * w).sum().backward()
+                else:
+                    probs.backward(w)
             return run
 
         samples: dict[str, list[float]] = {}
