@@ -16,6 +16,7 @@ from typing import Sequence
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_moe_ext.balancing.settings import check_balance_settings
 from megatron_moe_ext.config import MEGATRON_DEFAULT_TOPK, MoEExtConfig
 from megatron_moe_ext.granularity import DERIVED_SETTINGS, derive_fine_grained, explicit_conflicts
 from megatron_moe_ext.router_settings import check_router_choice, product_key_layout
@@ -45,7 +46,21 @@ def apply_ext_args(args: argparse.Namespace) -> argparse.Namespace:
     """Derive Megatron's MoE args from ours; ValueError on contradictions (before any process group)."""
     _derive_granularity(args)
     _check_router_args(args)
+    _check_balance_args(args)
     return args
+
+
+def _check_balance_args(args: argparse.Namespace) -> None:
+    check_balance_settings(
+        losses=args.moe_balance_losses,
+        coeffs=args.moe_balance_coeffs,
+        policy=args.moe_balance_coeff_policy,
+        metrics=args.moe_balance_metrics,
+        usage_window=args.moe_balance_usage_window,
+        router_type=args.moe_router_type,
+        num_experts=args.num_experts,
+        ep_size=args.expert_model_parallel_size,
+    )
 
 
 def _check_router_args(args: argparse.Namespace) -> None:

@@ -13,6 +13,7 @@ import dataclasses
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_moe_ext.balancing.settings import BALANCE_LOSSES, COEFF_POLICIES, check_balance_settings
 from megatron_moe_ext.granularity import DERIVED_SETTINGS, derive_fine_grained, explicit_conflicts
 from megatron_moe_ext.layers.query_norm import QUERY_NORMS
 from megatron_moe_ext.router_settings import ROUTER_TYPES, check_router_choice, product_key_layout
@@ -94,6 +95,43 @@ class MoEExtConfig(TransformerConfig):
     selection biases (gates stay unbiased), updated after each step from all-reduced counts at
     --moe-router-bias-update-rate (Wang et al. 2024 per expert; here 2n counts per head)."""
 
+    moe_balance_losses: list[str] | None = dataclasses.field(
+        default=None, metadata={"argparse_meta": {"choices": BALANCE_LOSSES}}
+    )
+    """Granularity-normalised load-balancing losses (each equals its coefficient at perfect balance
+    for any number of experts and top-k), attached like Megatron's aux losses and logged next to them:
+    'expert' (per micro-batch, DeepSeekMoE), 'global_expert' (counts over the global batch: all DP
+    ranks and the step's micro-batches, Qiu et al. 2025; exact DP gradient), 'sequence' (per sequence,
+    DeepSeek-V3), 'device' and 'communication' (over the EP ranks of Megatron's expert placement,
+    DeepSeek-V2; need --expert-model-parallel-size >= 2), 'subkey' (row/column marginals of
+    --moe-router-type product_key). Independent of Megatron's --moe-router-load-balancing-type."""
+
+    moe_balance_coeffs: list[float] | None = None
+    """Coefficients of --moe-balance-losses, one per loss in the same order (like Megatron's list of
+    --moe-aux-loss-coeff); used as given unless --moe-balance-coeff-policy is set too. Default: 1e-2
+    per loss scaled by the default policy (constant_gradient: x sqrt(G))."""
+
+    moe_balance_coeff_policy: str | None = dataclasses.field(
+        default=None, metadata={"argparse_meta": {"choices": COEFF_POLICIES}}
+    )
+    """How coefficients follow the granularity G (--moe-granularity; 1 without it), reading them as
+    G=1 weights: 'constant' (as given), 'constant_gradient' (x sqrt(G): the router weight's
+    balance-gradient norm stays the same across G, since at a fixed coefficient it falls as
+    1/sqrt(G)), 'constant_gradient_per_expert' (x G). Default: constant_gradient for the default
+    coefficients, constant (exactly as given) for explicit --moe-balance-coeffs."""
+
+    moe_balance_metrics: bool = False
+    """Log load-balance metrics every step through Megatron's MoE metrics tracker (console,
+    TensorBoard, W&B; layer mean, per layer with --moe-per-layer-logging): max_violation (MaxVio
+    of the global batch), load_entropy (/log N), experts_used_fraction (used in the last
+    --moe-balance-usage-window steps); with EP > 1 max_violation_ep_rank_max and
+    device_max_violation; with product keys pk_rows_used and pk_cols_used. O(N) per layer and step."""
+
+    moe_balance_usage_window: int = 100
+    """Window W in steps of experts_used_fraction (--moe-balance-metrics): the fraction of experts
+    selected at least once in the last W steps (the history is not checkpointed: it starts empty
+    after a resume)."""
+
     def __post_init__(self) -> None:
         if self.moe_expert_backend not in EXPERT_BACKENDS:
             raise ValueError(
@@ -108,7 +146,29 @@ class MoEExtConfig(TransformerConfig):
                 "--moe-shared-expert-intermediate-size"
             )
         self._check_router()
+        self._check_balancing()
         super().__post_init__()
+
+    def _check_balancing(self) -> None:
+        check_balance_settings(
+            losses=self.moe_balance_losses,
+            coeffs=self.moe_balance_coeffs,
+            policy=self.moe_balance_coeff_policy,
+            metrics=self.moe_balance_metrics,
+            usage_window=self.moe_balance_usage_window,
+            router_type=self.moe_router_type,
+            num_experts=self.num_moe_experts,
+            ep_size=self.expert_model_parallel_size,
+        )
+        if "global_expert" in (self.moe_balance_losses or []) or self.moe_balance_metrics:
+            self._install_step_hook()
+
+    def _install_step_hook(self) -> None:
+        """Once-per-step work (bias updates, global-batch counts reset, step metrics)."""
+        if self.finalize_model_grads_func is None:
+            from megatron_moe_ext.balancing.bias_update import finalize_model_grads_with_balancing
+
+            self.finalize_model_grads_func = finalize_model_grads_with_balancing
 
     def _check_router(self) -> None:
         check_router_choice(
@@ -129,10 +189,7 @@ class MoEExtConfig(TransformerConfig):
                     "biases belong to the product-key router; fix: --moe-router-type product_key, or "
                     "Megatron's --moe-router-enable-expert-bias for the dense router"
                 )
-            if self.finalize_model_grads_func is None:
-                from megatron_moe_ext.balancing.bias_update import finalize_model_grads_with_balancing
-
-                self.finalize_model_grads_func = finalize_model_grads_with_balancing
+            self._install_step_hook()
         if self.moe_router_type == "product_key":
             product_key_layout(
                 self.num_moe_experts,

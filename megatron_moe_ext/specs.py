@@ -3,8 +3,9 @@
 ``moe_ext_gpt_block_spec`` is what our entries use: the same block with this package's layers in
 Megatron's slots, chosen by the config: ``FineGrainedExperts`` in the MoE layers' experts slot
 unless ``moe_expert_backend == 'megatron'``; in the router slot ``ProductKeyRouter`` for
-``moe_router_type == 'product_key'``, ``NoisyTopKRouter`` for noisy gating with the top-k router,
-else Megatron's TopKRouter.
+``moe_router_type == 'product_key'``, ``BalancedTopKRouter`` (``BalancedNoisyTopKRouter`` with noise)
+for the top-k router with --moe-balance-losses or --moe-balance-metrics, ``NoisyTopKRouter`` for
+noisy gating alone, else Megatron's TopKRouter.
 
 ``local_gpt_block_spec`` is Megatron's own local (non-TE) decoder block spec, with every norm
 replaced by ``SequenceParallelTorchNorm`` so that sequence parallelism works without TE/apex. It has
@@ -25,6 +26,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_moe_ext.layers.balanced_router import BalancedNoisyTopKRouter, BalancedTopKRouter
 from megatron_moe_ext.layers.fine_grained_experts import FineGrainedExperts
 from megatron_moe_ext.layers.noisy_gating import NoisyTopKRouter
 from megatron_moe_ext.layers.norms import SequenceParallelTorchNorm
@@ -91,10 +93,18 @@ def _with_experts(layer_spec: ModuleSpec, experts: type) -> ModuleSpec:
 
 
 def router_class(config: TransformerConfig) -> type | None:
-    """The router our config asks for, or None for Megatron's own TopKRouter."""
+    """The router our config asks for, or None for Megatron's own TopKRouter.
+
+    ProductKeyRouter carries noisy gating and the balance losses/metrics itself; the dense router
+    becomes a subclass only for the options that need one (balancing, noise, or both).
+    """
     if getattr(config, "moe_router_type", "topk") == "product_key":
         return ProductKeyRouter
-    if getattr(config, "moe_router_noisy_gating", False):
+    noisy = getattr(config, "moe_router_noisy_gating", False)
+    balancing = bool(getattr(config, "moe_balance_losses", None)) or getattr(config, "moe_balance_metrics", False)
+    if balancing:
+        return BalancedNoisyTopKRouter if noisy else BalancedTopKRouter
+    if noisy:
         return NoisyTopKRouter
     return None
 

@@ -1,11 +1,21 @@
-"""Once-per-step updates of selection biases (auxiliary-loss-free balancing), hooked into Megatron.
+"""Once-per-step balancing work, hooked into Megatron: bias updates (auxiliary-loss-free balancing),
+step metrics and the reset of per-step buffers.
 
 Megatron updates its own ``expert_bias`` inside ``finalize_model_grads`` and only for
 ``--moe-router-enable-expert-bias``. Our product-key router keeps separable row/column biases
 instead, so we need the same once-per-global-batch point. Megatron's training loop keeps a
 ``config.finalize_model_grads_func`` that a model builder installed ("Preserve a builder-installed
 finalize hook", megatron/training/training.py), so this is a seam, not a patch:
-``MoEExtConfig`` installs ``finalize_model_grads_with_balancing`` when a bias-balancing option is on.
+``MoEExtConfig`` installs ``finalize_model_grads_with_balancing`` when a bias-balancing option,
+the global_expert balance loss or the balance metrics are on.
+
+The same point ends a step for the balance losses and metrics (``balancing/attach.py``): the
+global-batch counts accumulated over the step's micro-batches are reset here (Megatron resets its
+own ``global_tokens_per_expert`` in ``reset_model_temporary_tensors`` only for its global_aux_loss),
+and every layer's step load is all-reduced in one call and recorded as metrics. The finalize hook
+runs once per training step, after the last micro-batch's backward and before the optimizer step
+and Megatron's ``training_log`` (which reports the MoE metrics tracker); evaluation never calls it
+and never counts (counting happens only in training forwards with gradients).
 """
 
 from __future__ import annotations
@@ -36,12 +46,35 @@ def update_balancing_biases(model: list[torch.nn.Module]) -> None:
         module.apply_bias_update(*(next(reduced).view_as(c) for c in local))
 
 
+def finish_balancing_step(model: list[torch.nn.Module]) -> None:
+    """Record every balancing router's step metrics (one all-reduce of all their step loads over
+    TP x DP x CP) and reset their per-step buffers."""
+    modules = [
+        module
+        for chunk in model
+        for module in get_attr_wrapped_model(chunk, "modules")()
+        if hasattr(module, "reset_balancing_step")
+    ]
+    counting = [(module, counts) for module in modules if (counts := module.balance_step_counts()) is not None]
+    if counting:
+        flat = torch.cat([counts.reshape(-1) for _, counts in counting])
+        group = counting[0][0].tp_dp_cp_group
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(flat, group=group)
+        reduced = torch.split(flat, [counts.numel() for _, counts in counting])
+        for (module, _), counts in zip(counting, reduced):
+            module.record_balance_step(counts)
+    for module in modules:
+        module.reset_balancing_step()
+
+
 def finalize_model_grads_with_balancing(
     model: list[torch.nn.Module],
     num_tokens: torch.Tensor | None = None,
     pg_collection=None,
     force_all_reduce: bool | None = False,
 ) -> None:
-    """Megatron's ``finalize_model_grads`` followed by our bias updates (same signature)."""
+    """Megatron's ``finalize_model_grads`` followed by our bias updates and step end (same signature)."""
     finalize_model_grads(model, num_tokens, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
     update_balancing_biases(model)
+    finish_balancing_step(model)

@@ -51,6 +51,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_moe_ext.balancing.attach import BalancingMixin
 from megatron_moe_ext.kernels.product_keys import product_key_half_scores, topk_from_half_scores
 from megatron_moe_ext.layers.noisy_gating import add_gating_noise
 from megatron_moe_ext.layers.query_norm import QueryNorm
@@ -74,13 +75,17 @@ def product_key_full_scores(a_THn1: torch.Tensor, b_THn2: torch.Tensor, score_fu
     return scores_TN / (scores_TN.sum(dim=-1, keepdim=True) + 1e-20)
 
 
-class ProductKeyRouter(TopKRouter):
+class ProductKeyRouter(BalancingMixin, TopKRouter):
     """Megatron router (``MoESubmodules.router``) selecting experts by product keys.
 
     Settings come from the config (``MoEExtConfig``: moe_pk_heads, moe_pk_key_dim,
     moe_pk_subkey_topk, moe_pk_grid_rows, moe_pk_query_norm, moe_router_noisy_gating) and
     Megatron's own routing fields (topk, score function, pre-softmax, scaling factor, aux-loss
-    types and coefficients, z-loss, capacity factor, input jitter).
+    types and coefficients, z-loss, capacity factor, input jitter). ``--moe-balance-losses`` and
+    ``--moe-balance-metrics`` come through ``BalancingMixin`` (``balancing/attach.py``): the subkey
+    loss from the half scores and the selected ids in O(T H (n1 + n2)); the expert, sequence,
+    device and communication losses from the full scores [T, N] (``product_key_full_scores``,
+    O(T N), built only when one of them is on); the step load counted from the ids in O(T K).
     """
 
     def __init__(
@@ -136,6 +141,7 @@ class ProductKeyRouter(TopKRouter):
             self.noise_row_weight = torch.nn.Parameter(torch.zeros(H * self.layout.rows, config.hidden_size))
             self.noise_col_weight = torch.nn.Parameter(torch.zeros(H * self.layout.cols, config.hidden_size))
         self.reset_parameters()
+        self._init_balancing(pg_collection)
 
     def reset_parameters(self) -> None:
         if not hasattr(self, "row_keys"):
@@ -277,18 +283,34 @@ class ProductKeyRouter(TopKRouter):
                 pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
             )
 
-        if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
-            scores_TN = product_key_full_scores(a_THn1, b_THn2, self.config.moe_router_score_function)
+        train = self.training and torch.is_grad_enabled()
+        megatron_aux = train and self.is_aux_loss_enabled()
+        ours = self._balancing_active()
+        need_full = megatron_aux or (ours and any(kind != "subkey" for kind, _ in self.balance_losses))
+        score_function = self.config.moe_router_score_function
+        scores_TN = product_key_full_scores(a_THn1, b_THn2, score_function) if need_full else None
+        if ours:
+            # The step's load: from the ids (O(T K)) unless capacity dropping changed the map.
+            dropped = self.config.moe_expert_capacity_factor is not None
+            self._count_step_load(routing_map_TN, valid_T, ids_TK=None if dropped else ids_TK)
+            if self.balance_losses:
+                local_THk = (ids_TK % self.layout.pool_size).view(T, self.layout.heads, self.layout.k)
+                probs_TN = self._attach_balance_losses(
+                    probs_TN, scores_TN=scores_TN, routing_map_TN=map_for_aux_TN, valid_T=valid_T,
+                    seq_length=seq_length, bsz=bsz, subkeys=(a_THn1, b_THn2, local_THk),
+                )
+        if megatron_aux:
+            aux_map_TN = map_for_aux_TN
             if pad_T is not None:
                 keep_T1 = valid_T.unsqueeze(-1)
                 scores_TN = scores_TN * keep_T1
-                map_for_aux_TN = map_for_aux_TN & keep_T1
+                aux_map_TN = aux_map_TN & keep_T1
             padded = pad_T is not None
-            probs_TN = self._apply_aux_loss(probs_TN, scores_TN, map_for_aux_TN, with_padding_mask=padded)
+            probs_TN = self._apply_aux_loss(probs_TN, scores_TN, aux_map_TN, with_padding_mask=padded)
             probs_TN = self._apply_seq_aux_loss(
-                probs_TN, scores_TN, map_for_aux_TN, seq_length, bsz, with_padding_mask=padded
+                probs_TN, scores_TN, aux_map_TN, seq_length, bsz, with_padding_mask=padded
             )
-            probs_TN = self._apply_global_aux_loss(probs_TN, scores_TN, map_for_aux_TN, with_padding_mask=padded)
+            probs_TN = self._apply_global_aux_loss(probs_TN, scores_TN, aux_map_TN, with_padding_mask=padded)
         return probs_TN, routing_map_TN
 
     def _z_loss_on(self) -> bool:

@@ -29,6 +29,8 @@ def rank_main(argv: Sequence[str]) -> None:
 
     from megatron_moe_ext.accounting import account, format_report, shape_from_args
     from megatron_moe_ext.args import config_from_args, parse_megatron_args
+    from megatron_moe_ext.balancing.metrics_logging import install_balance_logging
+    from megatron_moe_ext.balancing.settings import tracked_names_for
     from megatron_moe_ext.specs import moe_ext_gpt_block_spec
     from megatron_moe_ext.training.gpt_step import forward_step, set_loss_log, train_valid_test_datasets_provider
     from megatron_moe_ext.training.train import add_train_args
@@ -40,7 +42,10 @@ def rank_main(argv: Sequence[str]) -> None:
     set_loss_log(args.ext_loss_log)
     from megatron_moe_ext.training.model_config import MoEExtGPTModelConfig
 
-    model_cfg = gpt_config_from_args(args, config=config_from_args(args), model_config_cls=MoEExtGPTModelConfig)
+    transformer_cfg = config_from_args(args)
+    # Our balance losses/metrics next to Megatron's in its training log (it prints a fixed list).
+    install_balance_logging(tracked_names_for(transformer_cfg))
+    model_cfg = gpt_config_from_args(args, config=transformer_cfg, model_config_cls=MoEExtGPTModelConfig)
     if model_cfg.transformer_layer_spec is None:  # --spec, when given, wins
         # Local (non-TE) modules with our layers in Megatron's slots; TE specs come with the GPU path.
         model_cfg.transformer_layer_spec = moe_ext_gpt_block_spec

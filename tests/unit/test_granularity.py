@@ -81,6 +81,11 @@ OUR_FLAGS = [
     "--moe-pk-grid-rows",
     "--moe-pk-query-norm",
     "--moe-pk-bias-balancing",
+    "--moe-balance-losses",
+    "--moe-balance-coeffs",
+    "--moe-balance-coeff-policy",
+    "--moe-balance-metrics",
+    "--moe-balance-usage-window",
 ]
 
 

@@ -1,0 +1,74 @@
+"""One training step's load metrics as 0-dim tensors, for Megatron's MoE metrics tracker.
+
+The same quantities as ``metrics.py`` (which returns Python floats, a host sync each), computed on
+the counts' device without reading them back, so a router can record them every step: O(N) work
+on the step's all-reduced counts, nothing per token. Where ``metrics.py`` gives NaN (no load at
+all), these give 0, so one empty layer cannot turn the layer mean into NaN; it cannot happen for
+a layer that routed tokens.
+
+Legend: N experts, D EP ranks, H product-key heads, n1 x n2 grid per head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megatron_moe_ext.balancing.metrics import UsageWindow
+
+Tensor = torch.Tensor
+
+
+def _max_violation(load: Tensor) -> Tensor:
+    """(max - mean) / mean along the last dim, 0 where the mean is 0."""
+    mean = load.mean(-1)
+    safe = torch.where(mean > 0, mean, torch.ones_like(mean))
+    return torch.where(mean > 0, (load.amax(-1) - mean) / safe, torch.zeros_like(mean))
+
+
+def _normalized_entropy(load_N: Tensor) -> Tensor:
+    total = load_N.sum()
+    p_N = load_N / torch.where(total > 0, total, torch.ones_like(total))
+    h = -(p_N * torch.log(torch.where(p_N > 0, p_N, torch.ones_like(p_N)))).sum()
+    return h / math.log(load_N.shape[0]) if load_N.shape[0] > 1 else torch.ones_like(h)
+
+
+def step_load_metrics(
+    counts_N: Tensor, *, ep_size: int = 1, grid: tuple[int, int, int] | None = None
+) -> dict[str, Tensor]:
+    """Metrics of one step's loads (selections per expert, all-reduced over the data-parallel ranks).
+
+    - ``max_violation``: MaxVio (Wang et al. 2024, arXiv 2408.15664), (max - mean) / mean load.
+    - ``load_entropy``: entropy of the load distribution / log N (1 = uniform).
+    - with ``ep_size`` > 1 (Megatron's contiguous placement, N/D experts per EP rank):
+      ``max_violation_ep_rank_max``, the worst EP rank's MaxVio among its own experts, and
+      ``device_max_violation``, the MaxVio of the per-rank loads (the straggler's excess).
+    - with ``grid`` = (H, n1, n2) (product keys, expert id = h*n1*n2 + row*n2 + col): ``pk_rows_used``
+      and ``pk_cols_used``, the fraction of all heads' rows (columns) selected at least once.
+    Returns fp32 0-dim tensors (computed in fp64: N = 1M needs more than fp32's 24 bits).
+    """
+    if counts_N.dim() != 1 or counts_N.numel() == 0:
+        raise ValueError(f"counts_N of shape {tuple(counts_N.shape)}: expected [N] selections per expert")
+    load_N = counts_N.to(torch.float64)
+    N = load_N.shape[0]
+    out = {"max_violation": _max_violation(load_N), "load_entropy": _normalized_entropy(load_N)}
+    if ep_size > 1:
+        if N % ep_size:
+            raise ValueError(f"ep_size={ep_size} does not divide N={N}; fix: an ep_size among the divisors of {N}")
+        load_DN = load_N.view(ep_size, N // ep_size)
+        out["max_violation_ep_rank_max"] = _max_violation(load_DN).amax()
+        out["device_max_violation"] = _max_violation(load_DN.sum(-1))
+    if grid is not None:
+        H, n1, n2 = grid
+        if H * n1 * n2 != N:
+            raise ValueError(f"grid {grid} holds {H * n1 * n2} experts, not N={N}; fix: pass (heads, rows, cols)")
+        load_Hn1n2 = load_N.view(H, n1, n2)
+        out["pk_rows_used"] = (load_Hn1n2.sum(-1) > 0).to(torch.float64).mean()
+        out["pk_cols_used"] = (load_Hn1n2.sum(-2) > 0).to(torch.float64).mean()
+    return {name: value.float() for name, value in out.items()}
+
+
+def usage_fraction(window: UsageWindow, step: int) -> Tensor:
+    """``window.fraction_used(step)`` as a 0-dim fp32 tensor, without a host sync."""
+    return (window.last_used_N > step - window.window).sum().float() / window.num_experts
