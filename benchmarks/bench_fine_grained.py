@@ -3,10 +3,16 @@
 At every G the active and total parameters stay constant (Krajewski et al. 2024): E*G experts of
 hidden size ffn/G, top-(k0*G) routing. Two measurements per G, forward + backward, fp32:
 
-* experts only: ``FineGrainedExperts`` (backend 'grouped': one batched matmul per projection) vs
-  ``SequentialMLP`` (one MLP module per expert, as ``LocalSpecProvider.grouped_mlp_modules``
-  builds it) on the same dispatched input: tokens*topk rows grouped by expert with exactly equal
-  counts per expert (forced balance), the same weights, the same routing probabilities;
+* experts only: ``FineGrainedExperts`` (backend 'grouped', see ``kernels/expert_mlp.py`` for what it
+  runs on CPU) vs ``SequentialMLP`` (one MLP module per expert, as
+  ``LocalSpecProvider.grouped_mlp_modules`` builds it) on the same dispatched input: tokens*topk
+  rows grouped by expert with exactly equal counts per expert (forced balance), the same weights,
+  the same routing probabilities. Timed with them, interleaved: the *dense bound*, one dense MLP
+  (hidden k0*ffn, same activation) over all tokens, which does the experts' GEMM FLOPs
+  (2*tokens*k0*ffn*hidden per projection) as two big GEMMs. megatron/dense-bound time is the
+  largest speed-up any implementation of the same FLOPs could reach if it ran them as fast as one
+  dense GEMM: an upper bound, not a target, since it leaves out what the dense MLP does not do,
+  e.g. moving the k0*G copies of every token's row (the input, output and their gradients);
 * the whole ``MoELayer`` (router + token dispatcher at EP=1 + experts + combine), built from
   ``moe_ext_gpt_block_spec`` with ``moe_expert_backend`` 'grouped' vs 'megatron', the same
   weights, and Megatron's ``moe_router_force_load_balancing`` (random router logits: near-balanced,
@@ -264,11 +270,23 @@ def bench_experts(args: argparse.Namespace, granularity: int) -> dict:
         diffs.append(check_close(f"G={granularity} experts {proj} grad", _grad_of(getattr(modules["ours"], proj).weight), stacked))
     del results, out, stacked
 
+    # The dense bound (not the same math, so not checked against the others): untimed first call
+    # here, like the check pass of the two sides.
+    fns["dense_bound"], clear_dense = dense_bound_step(args, cfg_meg, gen)
+    clear_dense()
+    fns["dense_bound"]()
+
+    def clear_any(name: str) -> None:
+        if name == "dense_bound":
+            clear_dense()
+        else:
+            clear(name)
+
     samples: dict[str, list[float]] = {}
     cpu_samples: dict[str, list[float]] = {}
     # The check pass above was the first warm-up round (one untimed call per side, in alternating
     # order with the next round); --warmup counts it.
-    medians = interleaved_medians(fns, args.repeats, max(0, args.warmup - 1), setup=clear, samples=samples,
+    medians = interleaved_medians(fns, args.repeats, max(0, args.warmup - 1), setup=clear_any, samples=samples,
                                   cpu_samples=cpu_samples)
     row = dict(
         what="experts", G=granularity, experts=num_experts, expert_ffn=cfg_meg.moe_ffn_hidden_size, topk=topk,
@@ -277,6 +295,35 @@ def bench_experts(args: argparse.Namespace, granularity: int) -> dict:
     del modules, fns, x, probs, grad_out
     _free()
     return row
+
+
+def dense_bound_step(args: argparse.Namespace, cfg, gen: torch.Generator):
+    """(run, clear) for one dense MLP fwd+bwd with the experts' GEMM FLOPs: all ``tokens`` rows
+    through hidden size k0*ffn (the sum of a token's k0*G experts of ffn/G each), the experts'
+    activation, no probabilities, no bias; input and weight gradients like the experts."""
+    ffn = args.base_topk * args.ffn
+    fc1_rows = 2 * ffn if cfg.gated_linear_unit else ffn
+    x_TH = torch.randn(args.tokens, args.hidden, generator=gen).requires_grad_()
+    w1_F1H = (0.02 * torch.randn(fc1_rows, args.hidden, generator=gen)).requires_grad_()
+    w2_HF = (0.02 * torch.randn(args.hidden, ffn, generator=gen)).requires_grad_()
+    grad_TH = torch.randn(args.tokens, args.hidden, generator=gen)
+
+    def activation(h: torch.Tensor) -> torch.Tensor:
+        if cfg.gated_linear_unit:
+            gate, up = torch.chunk(h, 2, dim=-1)
+            return cfg.activation_func(gate) * up
+        return cfg.activation_func(h)
+
+    def run() -> torch.Tensor:
+        out = torch.nn.functional.linear(activation(torch.nn.functional.linear(x_TH, w1_F1H)), w2_HF)
+        out.backward(grad_TH)
+        return out
+
+    def clear() -> None:
+        for t in (x_TH, w1_F1H, w2_HF):
+            t.grad = None
+
+    return run, clear
 
 
 def bench_layer(args: argparse.Namespace, granularity: int) -> dict:
@@ -395,31 +442,48 @@ def ratios(row: dict) -> dict[str, float]:
     )
 
 
+def bound_ratios(row: dict) -> dict[str, float] | None:
+    """Against the dense bound (experts rows only): megatron/dense = the largest speed-up possible
+    at dense-GEMM efficiency, and ours/dense = how far ours is from it (1.0 = at the bound)."""
+    med = row["medians"]
+    if "dense_bound" not in med:
+        return None
+    return {"max_speedup": med["megatron"] / med["dense_bound"], "ours_over_bound": med["ours"] / med["dense_bound"]}
+
+
 def describe(row: dict) -> str:
-    med, r = row["medians"], ratios(row)
+    med, r, b = row["medians"], ratios(row), bound_ratios(row)
     balance = "" if row["what"] == "experts" else f", routed max/mean per expert {row['max_over_mean']:.3f}"
+    bound = "" if b is None else (
+        f" | dense bound {1e3 * med['dense_bound']:.1f} ms: largest speed-up possible at dense-GEMM efficiency "
+        f"(megatron/dense bound) {b['max_speedup']:.2f}x, ours/dense bound time {b['ours_over_bound']:.2f}"
+    )
     return (
         f"G={row['G']:>3} {row['what']:<7}: ours/megatron time {r['time_ratio']:.3f} | speed-up megatron/ours "
         f"{r['speedup']:.2f}x | tokens/s ratio ours/megatron {r['speedup']:.2f}x | per-repeat speed-up median "
         f"{r['paired_median']:.2f}x (min {r['paired_min']:.2f}, max {r['paired_max']:.2f}) | CPU-time speed-up "
         f"{r['cpu_speedup']:.2f}x (median ms: ours {1e3 * med['ours']:.1f}, megatron {1e3 * med['megatron']:.1f}; "
         f"{row['experts']} experts of {row['expert_ffn']}, top-{row['topk']}, {row['rows']} routed rows{balance}; "
-        f"max |out diff| {row['max_diff']:.1e})"
+        f"max |out diff| {row['max_diff']:.1e}){bound}"
     )
 
 
 def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     headers = ["benchmark", "G", "experts x ffn", "top-k", "ours/megatron time", "speed-up = tokens/s ratio",
-               "per-repeat speed-up median (min-max)", "CPU-time speed-up", "ours ms", "megatron ms"]
+               "per-repeat speed-up median (min-max)", "CPU-time speed-up", "ours ms", "megatron ms",
+               "dense bound ms", "largest speed-up possible at dense-GEMM efficiency (megatron/dense bound)",
+               "ours/dense bound time"]
     out = []
     for row in rows:
-        med, r = row["medians"], ratios(row)
+        med, r, b = row["medians"], ratios(row), bound_ratios(row)
         name = "experts" if row["what"] == "experts" else f"MoELayer (max/mean {row['max_over_mean']:.2f})"
         out.append([
             name, str(row["G"]), f"{row['experts']} x {row['expert_ffn']}", str(row["topk"]),
             f"{r['time_ratio']:.3f}", f"{r['speedup']:.2f}x",
             f"{r['paired_median']:.2f}x ({r['paired_min']:.2f}-{r['paired_max']:.2f})", f"{r['cpu_speedup']:.2f}x",
             f"{1e3 * med['ours']:.0f}", f"{1e3 * med['megatron']:.0f}",
+            *(["-"] * 3 if b is None else [f"{1e3 * med['dense_bound']:.0f}", f"{b['max_speedup']:.2f}x",
+                                          f"{b['ours_over_bound']:.2f}"]),
         ])
     return headers, out
 
@@ -447,6 +511,17 @@ def goals(rows: list[dict]) -> list[str]:
             ok = all(s >= 3.0 for s in big.values())
             detail = ", ".join(f"G={g}: {s:.2f}x" for g, s in sorted(big.items()))
             lines.append(f"[{label}] >= 3x faster than SequentialMLP at G >= 16: {'MET' if ok else 'NOT MET'} ({detail})")
+            for row in sorted(sel, key=lambda r: r["G"]):
+                b = bound_ratios(row)
+                if row["G"] < 16 or b is None:
+                    continue
+                verdict = ("within the bound" if b["max_speedup"] >= 3.0
+                           else "NOT reachable by any implementation of these FLOPs")
+                lines.append(
+                    f"[{label}] G={row['G']}: 3x is {verdict} (largest speed-up possible at dense-GEMM efficiency, "
+                    f"megatron/dense bound, {b['max_speedup']:.2f}x; ours {speedups[row['G']]:.2f}x, ours/dense bound "
+                    f"time {b['ours_over_bound']:.2f})"
+                )
         else:
             lines.append(f"[{label}] >= 3x faster at G >= 16: not measured (no G >= 16 in this run)")
         if 1 in speedups:
@@ -488,7 +563,10 @@ def markdown_section(args: argparse.Namespace, machine: dict, command: str, rows
         f"{args.tokens} tokens, fp32, gelu non-gated experts without biases (the paper's setting), "
         f"forward + backward; median of {args.repeats} interleaved repeats after {args.warmup} warm-up round(s) "
         "(the first being the correctness check). "
-        + ("Experts benchmark: exactly equal rows per expert. " if args.what != "layer" else "")
+        + ("Experts benchmark: exactly equal rows per expert; the dense bound (timed interleaved with both) is "
+           f"one dense MLP of hidden {args.base_topk * args.ffn} over all {args.tokens} tokens, the experts' GEMM "
+           "FLOPs as two big GEMMs, so megatron/dense bound is the largest speed-up possible at dense-GEMM "
+           "efficiency. " if args.what != "layer" else "")
         + (("MoELayer benchmark: "
             + ("`moe_router_force_load_balancing` (random logits, near-balanced)" if args.layer_routing == "megatron"
                else "exactly balanced routing (token t -> experts (t*k+j) mod N)")
@@ -514,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, _REPO), *(sys.argv[1:] if argv is None else argv)])
     setup_runtime(args.threads)
     machine = machine_description()
-    print("Fine-grained experts (ours, backend 'grouped') vs Megatron SequentialMLP, CPU, fp32, forward+backward")
+    print("Fine-grained experts (ours, backend 'grouped') vs Megatron SequentialMLP, CPU, fp32, forward+backward; "
+          "experts also against the dense bound (one dense MLP, same FLOPs)")
     print(f"setting: hidden {args.hidden}, dense ffn {args.ffn}, E={args.expansion}, k0={args.base_topk}, "
           f"{args.tokens} tokens, gelu non-gated MLP (paper's setting), no biases; constant active and total "
           f"parameters over G; median of {args.repeats} interleaved repeats (order alternating), "

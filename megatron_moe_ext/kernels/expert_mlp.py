@@ -5,16 +5,33 @@ semantics of Megatron's SequentialMLP/TEGroupedMLP (the routing probability scal
 before fc2). Kernels see tensors and a list of counts, never a config.
 
 Legend: N token rows grouped by expert, E local experts, H hidden size, F expert hidden size
-(F1 = F, or 2F for gated units, laid out [gate; up] like Megatron's fc1).
+(F1 = F, or 2F for gated units, laid out [gate; up] like Megatron's fc1); in the segmented kernel
+B rows of a block, K experts of a run, M rows of each.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
+
+# The segmented kernel's per-expert loops bypass torch-function handling (modes and subclasses):
+# the CPU runtime's TorchFunctionMode (runtime/cpu.py) costs every torch call a Python round trip,
+# and the loops make ~30 calls per expert (slices, views, matmuls). Safe only because the loops
+# create no tensor from a device argument: they slice, view and multiply tensors already on the
+# input's device (the activation, which may, runs outside). Measured on the 2-core VM under the
+# runtime: slice + slice + mm 12.9 us with the mode, 5.8 us bypassed; segmented fwd+bwd with 512
+# experts of 32 (near-balanced rows, one thread, min of 7) 1588 ms bypassed vs 1607 ms not.
+BYPASS_TORCH_FUNCTION_IN_LOOPS = True
+
+
+def _untraced() -> contextlib.AbstractContextManager:
+    """Context for the segmented kernel's matmul loops (see BYPASS_TORCH_FUNCTION_IN_LOOPS)."""
+    return torch._C.DisableTorchFunction() if BYPASS_TORCH_FUNCTION_IN_LOOPS else contextlib.nullcontext()
 
 
 def expert_mlp_eager(
@@ -56,10 +73,208 @@ def expert_mlp_loop(
     return torch.cat(outputs, dim=0) if outputs else x_NH.new_zeros(0, w2_EHF.shape[1])
 
 
-# Expert hidden size from which the per-expert loop beats the padded batched matmul on CPU
-# (measured on the 2-core development machine: G=1 at F=2048 loop 434 ms vs bmm 565 ms; F=256
-# 632 vs 686; F=32 1777 vs 1228; see benchmarks/RESULTS.md).
-CPU_LOOP_MIN_EXPERT_SIZE = 256
+# The segmented kernel runs its elementwise steps (activation, probability scaling and their
+# gradients) on blocks of whole experts holding about this many elements of fc1's output, not on
+# all N rows at once: still a handful of calls whatever the number of experts, but every buffer
+# stays a few MB. A whole [N, F] buffer is tens of MB, and glibc serves blocks above 32 MiB with a
+# fresh mmap on every call, whose page faults cost more than the arithmetic (measured on the 2-core
+# VM, one thread: allocating and filling 32 MiB 22 ms against 2.2 ms for refilling a reused
+# buffer; gelu on [4096, 2048] 30 ms into a fresh buffer against 8 ms in 8 blocks; the whole
+# segmented fwd+bwd at 8 experts of 2048 690 ms in blocks against 748 ms on whole buffers); the
+# blocks also stay in cache between the matmul that writes them and the elementwise ops that read
+# them. An expert is split over blocks only above SEGMENTED_SPLIT_FACTOR times this: a split
+# expert's weight gradients are accumulated piece by piece, which costs a pass over them per piece.
+SEGMENTED_BLOCK_ELEMENTS = 1 << 20
+SEGMENTED_SPLIT_FACTOR = 4
+
+Piece = tuple[int, int, int]  # (expert, first row, end row) in the grouped rows
+
+
+def _row_blocks(counts: Sequence[int], width: int, block_elements: int) -> list[tuple[int, int, list[Piece]]]:
+    """Consecutive row ranges [start, end) covering all N rows, each with the pieces of expert
+    segments it holds: consecutive whole experts up to ``block_elements`` elements of ``width``
+    per row (an expert above that alone), and an expert above SEGMENTED_SPLIT_FACTOR times that
+    split into equal blocks of its own."""
+    blocks: list[tuple[int, int, list[Piece]]] = []
+    start, pieces, elements = 0, [], 0  # the block being filled
+    row = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        size = count * width
+        if pieces and elements + size > block_elements:
+            blocks.append((start, row, pieces))
+            start, pieces, elements = row, [], 0
+        if size > SEGMENTED_SPLIT_FACTOR * block_elements:
+            step = -(-count // -(-size // block_elements))  # ceil(count / number of blocks)
+            for lo in range(row, row + count, step):
+                hi = min(lo + step, row + count)
+                blocks.append((lo, hi, [(e, lo, hi)]))
+            start = row + count
+        else:
+            pieces.append((e, row, row + count))
+            elements += size
+        row += count
+    if pieces:
+        blocks.append((start, row, pieces))
+    return blocks
+
+
+Run = tuple[int, int, int, int, bool]  # (first expert, experts, first row, rows per expert, continues)
+
+
+def _runs(pieces: list[Piece], segment_starts: Sequence[int]) -> list[Run]:
+    """A block's pieces as runs of consecutive experts with equal row counts, one batched matmul
+    each (exactly balanced or capacity-padded routing: all of a block's experts in one call). A
+    piece continuing an expert begun in the previous block stays alone: it accumulates into that
+    expert's weight gradient instead of writing it."""
+    runs: list[Run] = []
+    for e, lo, hi in pieces:
+        continues = lo > segment_starts[e]
+        if runs and not continues and not runs[-1][4]:
+            e0, k, lo0, m, _ = runs[-1]
+            if e == e0 + k and hi - lo == m:
+                runs[-1] = (e0, k + 1, lo0, m, False)
+                continue
+        runs.append((e, 1, lo, hi - lo, continues))
+    return runs
+
+
+def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    if accumulate:
+        out.baddbmm_(a, b)
+    else:
+        torch.bmm(a, b, out=out)
+
+
+class _SegmentedExpertMLP(torch.autograd.Function):
+    """Both projections as matmuls on row slices (views, so nothing is padded or gathered), one
+    (batched) matmul per run of experts (``_runs``), in one autograd node for all experts; the
+    elementwise steps run once per block of rows (see SEGMENTED_BLOCK_ELEMENTS). The activation's
+    graph is kept from the forward (as autograd keeps the eager reference's), not recomputed."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x_NH: torch.Tensor,
+        w1_EF1H: torch.Tensor,
+        w2_EHF: torch.Tensor,
+        probs_N: torch.Tensor,
+        counts: list[int],
+        activation: Activation,
+        grad_to_fc1: bool,
+        block_elements: int,
+    ) -> torch.Tensor:
+        n, fc1_rows, hidden = x_NH.shape[0], w1_EF1H.shape[1], w2_EHF.shape[1]
+        segment_starts = [0]
+        for c in counts[:-1]:
+            segment_starts.append(segment_starts[-1] + c)
+        blocks = [(start, end, _runs(pieces, segment_starts))
+                  for start, end, pieces in _row_blocks(counts, fc1_rows, block_elements)]
+        w1t_EHF1, w2t_EFH = w1_EF1H.transpose(1, 2), w2_EHF.transpose(1, 2)
+        out_NH = None
+        saved: list[torch.Tensor] = []
+        for start, end, runs in blocks:
+            h_BF1 = x_NH.new_empty(end - start, fc1_rows)
+            with _untraced():
+                for e, k, lo, m, _ in runs:
+                    hi = lo + k * m
+                    torch.bmm(x_NH[lo:hi].view(k, m, -1), w1t_EHF1[e:e + k],
+                              out=h_BF1[lo - start:hi - start].view(k, m, -1))
+            # The activation's own graph (h -> a) for the backward, only if a gradient reaches fc1.
+            with torch.enable_grad() if grad_to_fc1 else contextlib.nullcontext():
+                a_BF = activation(h_BF1.requires_grad_(grad_to_fc1))
+            s_BF = (a_BF.detach() * probs_N[start:end].unsqueeze(-1)).to(a_BF.dtype)
+            if out_NH is None:
+                out_NH = s_BF.new_empty(n, hidden)
+            with _untraced():
+                for e, k, lo, m, _ in runs:
+                    hi = lo + k * m
+                    torch.bmm(s_BF[lo - start:hi - start].view(k, m, -1), w2t_EFH[e:e + k],
+                              out=out_NH[lo:hi].view(k, m, -1))
+            saved += [h_BF1, a_BF, s_BF]
+        ctx.save_for_backward(x_NH, w1_EF1H, w2_EHF, probs_N, *saved)
+        ctx.blocks, ctx.counts = blocks, counts
+        return out_NH if out_NH is not None else x_NH.new_empty(0, hidden)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_NH: torch.Tensor):
+        x_NH, w1_EF1H, w2_EHF, probs_N, *saved = ctx.saved_tensors
+        need_x, need_w1, need_w2, need_p = ctx.needs_input_grad[:4]
+        need_h = need_x or need_w1  # the gradient reaches fc1's output
+        need_s = need_h or need_p
+        grad_NH = grad_NH.contiguous()  # e.g. the stride-0 gradient of out.sum()
+        grad_x = torch.empty_like(x_NH) if need_x else None
+        grad_w1 = torch.empty_like(w1_EF1H, memory_format=torch.contiguous_format) if need_w1 else None
+        grad_w2 = torch.empty_like(w2_EHF, memory_format=torch.contiguous_format) if need_w2 else None
+        grad_p = probs_N.new_empty(probs_N.shape) if need_p else None
+
+        for b, (start, end, runs) in enumerate(ctx.blocks):
+            h_BF1, a_BF, s_BF = saved[3 * b:3 * b + 3]
+            grad_s_BF = s_BF.new_empty(s_BF.shape) if need_s else None
+            with _untraced():
+                for e, k, lo, m, continues in runs:
+                    hi = lo + k * m
+                    g_KMH = grad_NH[lo:hi].view(k, m, -1)
+                    if need_s:
+                        torch.bmm(g_KMH, w2_EHF[e:e + k], out=grad_s_BF[lo - start:hi - start].view(k, m, -1))
+                    if need_w2:
+                        s_KMF = s_BF[lo - start:hi - start].view(k, m, -1)
+                        _bmm_into(grad_w2[e:e + k], g_KMH.transpose(1, 2), s_KMF, continues)
+            # s = (a * p).to(a.dtype), differentiated as autograd does for the eager reference: in
+            # the promoted dtype of a and p, each result rounded once to its tensor's dtype.
+            if need_p:
+                compute = torch.promote_types(a_BF.dtype, probs_N.dtype)
+                grad_p[start:end] = (grad_s_BF.to(compute) * a_BF).sum(-1)
+            if not need_h:
+                continue
+            grad_a_BF = grad_s_BF.mul_(probs_N[start:end].unsqueeze(-1))  # grad_s is not needed any more
+            # retain_graph: a second backward through the caller's graph (retain_graph=True there)
+            # needs it again; it is freed with this node's saved tensors either way.
+            (grad_h_BF1,) = torch.autograd.grad(a_BF, h_BF1, grad_a_BF, retain_graph=True, allow_unused=True)
+            if grad_h_BF1 is None:  # an activation that ignores its input
+                grad_h_BF1 = torch.zeros_like(h_BF1)
+            with _untraced():
+                for e, k, lo, m, continues in runs:
+                    hi = lo + k * m
+                    grad_h_KMF1 = grad_h_BF1[lo - start:hi - start].view(k, m, -1)
+                    if need_x:
+                        torch.bmm(grad_h_KMF1, w1_EF1H[e:e + k], out=grad_x[lo:hi].view(k, m, -1))
+                    if need_w1:
+                        _bmm_into(grad_w1[e:e + k], grad_h_KMF1.transpose(1, 2), x_NH[lo:hi].view(k, m, -1), continues)
+
+        with _untraced():  # experts without rows
+            for grad_w in (grad_w1, grad_w2):
+                if grad_w is not None:
+                    for e, c in enumerate(ctx.counts):
+                        if c == 0:
+                            grad_w[e].zero_()
+        return grad_x, grad_w1, grad_w2, grad_p, None, None, None, None
+
+
+def expert_mlp_segmented(
+    x_NH: torch.Tensor,
+    tokens_per_expert: Sequence[int],
+    w1_EF1H: torch.Tensor,
+    w2_EHF: torch.Tensor,
+    probs_N: torch.Tensor,
+    activation: Activation,
+) -> torch.Tensor:
+    """Per-expert matmuls on row segments inside ONE autograd node: no padding, no row gather, no
+    per-expert autograd graph (what costs SequentialMLP and the ``loop`` kernel most with hundreds
+    of small experts), and a handful of elementwise calls whatever the number of experts."""
+    counts = [int(c) for c in tokens_per_expert]
+    if len(counts) != w1_EF1H.shape[0] or sum(counts) != x_NH.shape[0]:
+        raise ValueError(
+            f"tokens_per_expert has {len(counts)} counts summing to {sum(counts)}; expected {w1_EF1H.shape[0]} "
+            f"experts and {x_NH.shape[0]} rows"
+        )
+    grad_to_fc1 = torch.is_grad_enabled() and (x_NH.requires_grad or w1_EF1H.requires_grad)
+    return _SegmentedExpertMLP.apply(
+        x_NH.contiguous(), w1_EF1H, w2_EHF, probs_N.contiguous(), counts, activation, grad_to_fc1,
+        SEGMENTED_BLOCK_ELEMENTS,
+    )
 
 
 def _padded_rows(tokens_per_expert: Sequence[int], device: torch.device) -> tuple[int, torch.Tensor | None]:
@@ -136,13 +351,22 @@ def expert_mlp_grouped(
     probs_N: torch.Tensor,
     activation: Activation,
 ) -> torch.Tensor:
-    """The default: torch's grouped GEMM where it can run; otherwise the per-expert loop for large
-    experts and the padded batched matmul for small ones."""
+    """The default: torch's grouped GEMM where it can run (CUDA), the segmented kernel otherwise.
+
+    On CPU the segmented kernel at every expert size, replacing the per-expert loop (expert size
+    >= 256) and the padded batched matmul (below), which pads every expert to the largest one and
+    gathers all rows forward and backward. Measured on the shared 2-core VM, fp32 fwd+bwd, hidden
+    512, 4096 tokens, k0=1, E=8, two threads, under the CPU runtime. Kernels alone (min of 5, ms,
+    loop / padded / segmented): exactly balanced rows G=1 (8 x 2048) 367 / 437 / 385, G=16
+    (128 x 128) 574 / 539 / 459, G=64 (512 x 32) 1104 / 822 / 787; near-balanced (max/mean
+    1.05-1.13) G=1 361 / 474 / 395, G=16 594 / 897 / 535, G=64 1218 / 2239 / 966 (one thread:
+    loop and segmented equal at G=1, 698 / 700 ms). Speed-up over SequentialMLP at G = 1 / 4 / 8 /
+    16 / 64 (benchmarks/bench_fine_grained.py): experts 0.96 / 1.07 / 1.03 / 1.19 / 1.53x, MoELayer
+    0.96 / 1.04 / 1.09 / 1.06 / 1.15x, against 0.94 / 1.10 / 0.97 / 1.13 / 1.66x and 0.86 / 0.99 /
+    1.09 / 0.80 / 0.79x for the former choice (benchmarks/RESULTS.md, second run)."""
     if grouped_mm_supported(x_NH, w1_EF1H, w2_EHF):
         return expert_mlp_grouped_mm(x_NH, tokens_per_expert, w1_EF1H, w2_EHF, probs_N, activation)
-    if w2_EHF.shape[2] >= CPU_LOOP_MIN_EXPERT_SIZE:
-        return expert_mlp_loop(x_NH, tokens_per_expert, w1_EF1H, w2_EHF, probs_N, activation)
-    return expert_mlp_padded(x_NH, tokens_per_expert, w1_EF1H, w2_EHF, probs_N, activation)
+    return expert_mlp_segmented(x_NH, tokens_per_expert, w1_EF1H, w2_EHF, probs_N, activation)
 
 
 def expert_mlp_te(
@@ -164,6 +388,7 @@ EXPERT_MLP_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     "eager": expert_mlp_eager,
     "loop": expert_mlp_loop,
     "padded": expert_mlp_padded,
+    "segmented": expert_mlp_segmented,
     "grouped_mm": expert_mlp_grouped_mm,
     "grouped": expert_mlp_grouped,
     "te": expert_mlp_te,
