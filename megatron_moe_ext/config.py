@@ -22,7 +22,7 @@ from megatron_moe_ext.router_settings import ROUTER_TYPES, check_router_choice, 
 # when a granularity derives the top-k (the flag path detects an explicit value exactly).
 MEGATRON_DEFAULT_TOPK = 2
 
-EXPERT_BACKENDS = ("grouped", "eager", "megatron", "te")
+EXPERT_BACKENDS = ("grouped", "segmented", "padded", "loop", "eager", "megatron", "te")
 
 
 @dataclasses.dataclass
@@ -49,10 +49,12 @@ class MoEExtConfig(TransformerConfig):
     moe_expert_backend: str = dataclasses.field(
         default="grouped", metadata={"argparse_meta": {"choices": EXPERT_BACKENDS}}
     )
-    """Expert computation: 'grouped' (grouped GEMM, padded batched matmul where torch's grouped GEMM
-    cannot run), 'eager' (reference loop over experts), 'megatron' (Megatron's own experts), or 'te'
-    (Transformer Engine grouped GEMMs on the same stacked weights, FP8 under TE's autocast; needs TE
-    and a GPU)."""
+    """Expert computation: 'grouped' (default: torch's grouped GEMM on CUDA, the segmented kernel
+    elsewhere), 'segmented' (one autograd function of per-expert matmuls on row slices, no padding),
+    'padded' (batched matmul over experts padded to the largest count), 'loop' (per-expert
+    matmuls under autograd), 'eager' (reference loop over experts), 'megatron' (Megatron's own
+    experts), or 'te' (Transformer Engine grouped GEMMs on the same stacked weights, FP8 under TE's
+    autocast; needs TE and a GPU)."""
 
     moe_router_type: str = dataclasses.field(
         default="topk", metadata={"argparse_meta": {"choices": ROUTER_TYPES}}

@@ -75,3 +75,14 @@ def test_runtime_refuses_cuda_hosts_and_unsupported_versions() -> None:
         old = pool.apply(refusal_body, (False, "0.17.0"))
     assert cuda.startswith("RuntimeError: CUDA is available"), cuda
     assert old.startswith("ValueError: megatron-core 0.17.0 is not supported"), old
+
+
+def test_allocator_tuning_applies_on_glibc_and_can_be_left_alone(monkeypatch) -> None:
+    import platform
+
+    from megatron_moe_ext.runtime.cpu import _tune_allocator
+
+    if platform.libc_ver()[0] == "glibc":
+        assert _tune_allocator() is True
+    monkeypatch.setenv("MEGATRON_MOE_EXT_KEEP_MALLOC", "1")
+    assert _tune_allocator() is False
