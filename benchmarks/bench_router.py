@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ if str(_REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.bench_fine_grained import setup_runtime  # noqa: E402
 from benchmarks.common import interleaved_medians, machine_description, markdown_table, paired_ratios, text_table  # noqa: E402
 
 FULL = dict(experts=[256, 1024, 4096, 16384, 65536], tokens=4096, hidden=1024, topk=8, key_dim=128, repeats=5, warmup=1)
@@ -65,20 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if math.isqrt(n) ** 2 != n:
             parser.error(f"--experts {n} is not a perfect square")
     return args
-
-
-def setup_runtime(threads: int | None) -> None:
-    from megatron_moe_ext.runtime import enable_cpu_runtime, init_gloo_from_env
-    from megatron_moe_ext.testing.distributed import free_port
-    from megatron_moe_ext.testing.tiny import initialize_parallel
-
-    if threads:
-        torch.set_num_threads(threads)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
-                      WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-    enable_cpu_runtime(allow_with_cuda=True)  # a CPU benchmark by definition
-    init_gloo_from_env()
-    initialize_parallel()
 
 
 def make_config(args: argparse.Namespace, n: int, router_type: str, query_norm: str):
