@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe_ext.balancing.settings import check_balance_settings
 from megatron_moe_ext.config import MEGATRON_DEFAULT_TOPK, MoEExtConfig
-from megatron_moe_ext.granularity import DERIVED_SETTINGS, derive_fine_grained, explicit_conflicts
-from megatron_moe_ext.router_settings import check_router_choice, product_key_layout
+from megatron_moe_ext.granularity import (
+    DERIVED_SETTINGS,
+    derive_fine_grained,
+    explicit_conflicts,
+)
+from megatron_moe_ext.router_settings import check_router_settings
 
 GROUP_TITLE = "megatron-moe-ext"
 
@@ -64,31 +68,8 @@ def _check_balance_args(args: argparse.Namespace) -> None:
 
 
 def _check_router_args(args: argparse.Namespace) -> None:
-    check_router_choice(
-        args.moe_router_type,
-        score_function=args.moe_router_score_function,
-        load_balancing_type=args.moe_router_load_balancing_type,
-        expert_bias=args.moe_router_enable_expert_bias,
-        num_groups=args.moe_router_num_groups,
-        group_topk=args.moe_router_group_topk,
-        router_fusion=getattr(args, "moe_router_fusion", False),
-        force_load_balancing=getattr(args, "moe_router_force_load_balancing", False),
-        routing_replay=getattr(args, "moe_enable_routing_replay", False),
-    )
-    if args.moe_pk_bias_balancing and args.moe_router_type != "product_key":
-        raise ValueError(
-            f"--moe-pk-bias-balancing with --moe-router-type {args.moe_router_type}: the separable biases belong "
-            "to the product-key router; fix: --moe-router-type product_key, or --moe-router-enable-expert-bias"
-        )
-    if args.moe_router_type == "product_key":
-        product_key_layout(
-            args.num_experts,
-            args.moe_router_topk,
-            heads=args.moe_pk_heads,
-            key_dim=args.moe_pk_key_dim,
-            subkey_topk=args.moe_pk_subkey_topk,
-            grid_rows=args.moe_pk_grid_rows,
-        )
+    names = {"num_moe_experts": "num_experts"}  # Megatron's args name for that config field
+    check_router_settings(lambda name: getattr(args, names.get(name, name), None))
 
 
 def _derive_granularity(args: argparse.Namespace) -> None:

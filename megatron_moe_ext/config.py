@@ -13,10 +13,18 @@ import dataclasses
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_moe_ext.balancing.settings import BALANCE_LOSSES, COEFF_POLICIES, check_balance_settings
-from megatron_moe_ext.granularity import DERIVED_SETTINGS, derive_fine_grained, explicit_conflicts
+from megatron_moe_ext.balancing.settings import (
+    BALANCE_LOSSES,
+    COEFF_POLICIES,
+    check_balance_settings,
+)
+from megatron_moe_ext.granularity import (
+    DERIVED_SETTINGS,
+    derive_fine_grained,
+    explicit_conflicts,
+)
 from megatron_moe_ext.layers.query_norm import QUERY_NORMS
-from megatron_moe_ext.router_settings import ROUTER_TYPES, check_router_choice, product_key_layout
+from megatron_moe_ext.router_settings import ROUTER_TYPES, check_router_settings
 
 # Megatron's own default for moe_router_topk; an unchanged default counts as "not set by the user"
 # when a granularity derives the top-k (the flag path detects an explicit value exactly).
@@ -168,39 +176,16 @@ class MoEExtConfig(TransformerConfig):
     def _install_step_hook(self) -> None:
         """Once-per-step work (bias updates, global-batch counts reset, step metrics)."""
         if self.finalize_model_grads_func is None:
-            from megatron_moe_ext.balancing.bias_update import finalize_model_grads_with_balancing
+            from megatron_moe_ext.balancing.bias_update import (
+                finalize_model_grads_with_balancing,
+            )
 
             self.finalize_model_grads_func = finalize_model_grads_with_balancing
 
     def _check_router(self) -> None:
-        check_router_choice(
-            self.moe_router_type,
-            score_function=self.moe_router_score_function,
-            load_balancing_type=self.moe_router_load_balancing_type,
-            expert_bias=self.moe_router_enable_expert_bias,
-            num_groups=self.moe_router_num_groups,
-            group_topk=self.moe_router_group_topk,
-            router_fusion=self.moe_router_fusion,
-            force_load_balancing=self.moe_router_force_load_balancing,
-            routing_replay=self.moe_enable_routing_replay,
-        )
+        check_router_settings(lambda name: getattr(self, name))
         if self.moe_pk_bias_balancing:
-            if self.moe_router_type != "product_key":
-                raise ValueError(
-                    f"moe_pk_bias_balancing with moe_router_type={self.moe_router_type!r}: the separable "
-                    "biases belong to the product-key router; fix: --moe-router-type product_key, or "
-                    "Megatron's --moe-router-enable-expert-bias for the dense router"
-                )
             self._install_step_hook()
-        if self.moe_router_type == "product_key":
-            product_key_layout(
-                self.num_moe_experts,
-                self.moe_router_topk,
-                heads=self.moe_pk_heads,
-                key_dim=self.moe_pk_key_dim,
-                subkey_topk=self.moe_pk_subkey_topk,
-                grid_rows=self.moe_pk_grid_rows,
-            )
 
     def _apply_granularity(self) -> None:
         if self.moe_expansion_rate is None:

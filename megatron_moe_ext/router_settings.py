@@ -139,8 +139,9 @@ def check_router_choice(
             f"{', '.join(PK_SCORE_FUNCTIONS)}"
         )
     refusals = [
-        (expert_bias, "--moe-router-enable-expert-bias", "a dense per-expert bias breaks the separable "
-         "product-key scores; fix: drop it (separable row/column biases are a separate feature)"),
+        (expert_bias, "--moe-router-enable-expert-bias", (
+            "a dense per-expert bias breaks the separable product-key scores; fix: drop it and use "
+            "--moe-pk-bias-balancing (separable row/column biases)")),
         (num_groups or group_topk, "--moe-router-num-groups/--moe-router-group-topk",
          "group-limited routing needs dense scores; fix: drop them (heads give disjoint expert pools)"),
         (router_fusion, "--moe-router-fusion", "TE's fused top-k works on dense logits; fix: drop it"),
@@ -151,3 +152,36 @@ def check_router_choice(
     for bad, flag, why in refusals:
         if bad:
             raise ValueError(f"--moe-router-type product_key with {flag}: {why}")
+
+
+def check_router_settings(get) -> None:
+    """Every router check of this module, reading settings by ``MoEExtConfig`` field name through
+    ``get(name)`` (the config object, or Megatron's parsed args through a name map), so the config
+    and the flag path apply exactly the same rules."""
+    router_type = get("moe_router_type")
+    check_router_choice(
+        router_type,
+        score_function=get("moe_router_score_function"),
+        load_balancing_type=get("moe_router_load_balancing_type"),
+        expert_bias=bool(get("moe_router_enable_expert_bias")),
+        num_groups=get("moe_router_num_groups"),
+        group_topk=get("moe_router_group_topk"),
+        router_fusion=bool(get("moe_router_fusion")),
+        force_load_balancing=bool(get("moe_router_force_load_balancing")),
+        routing_replay=bool(get("moe_enable_routing_replay")),
+    )
+    if get("moe_pk_bias_balancing") and router_type != "product_key":
+        raise ValueError(
+            f"--moe-pk-bias-balancing with --moe-router-type {router_type}: the separable biases belong to the "
+            "product-key router; fix: --moe-router-type product_key, or Megatron's --moe-router-enable-expert-bias "
+            "for the dense router"
+        )
+    if router_type == "product_key":
+        product_key_layout(
+            get("num_moe_experts"),
+            get("moe_router_topk"),
+            heads=get("moe_pk_heads"),
+            key_dim=get("moe_pk_key_dim"),
+            subkey_topk=get("moe_pk_subkey_topk"),
+            grid_rows=get("moe_pk_grid_rows"),
+        )
