@@ -32,6 +32,7 @@ from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
 from megatron_moe_ext.balancing.losses import (
     communication_balance_loss,
+    count_subkeys,
     device_balance_loss,
     expert_counts,
     global_batch_balance_loss,
@@ -62,18 +63,6 @@ def _token_count(valid_T: Tensor | None, T: int, device: torch.device) -> Tensor
     if valid_T is None:
         return torch.tensor(T, dtype=torch.long, device=device)
     return valid_T.sum().long()
-
-
-def subkey_counts_unchecked(local_THk: Tensor, n1: int, n2: int, valid_T: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``losses.subkey_counts`` without its id-range check (a host sync): ids come from our own search."""
-    T, H, _ = local_THk.shape
-    w_THk = torch.ones_like(local_THk) if valid_T is None else valid_T.view(T, 1, 1).expand_as(local_THk).long()
-    head_H1 = torch.arange(H, device=local_THk.device).view(1, H, 1)
-    rows = torch.zeros(H * n1, dtype=torch.long, device=local_THk.device)
-    rows.index_add_(0, (local_THk // n2 + head_H1 * n1).reshape(-1), w_THk.reshape(-1))
-    cols = torch.zeros(H * n2, dtype=torch.long, device=local_THk.device)
-    cols.index_add_(0, (local_THk % n2 + head_H1 * n2).reshape(-1), w_THk.reshape(-1))
-    return rows.view(H, n1), cols.view(H, n2)
 
 
 class BalancingMixin:
@@ -243,7 +232,7 @@ class BalancingMixin:
         T, H, k = local_THk.shape
         n1, n2 = a_THn1.shape[-1], b_THn2.shape[-1]
         with torch.no_grad():
-            rows_Hn1, cols_Hn2 = subkey_counts_unchecked(local_THk, n1, n2, valid_T)
+            rows_Hn1, cols_Hn2 = count_subkeys(local_THk, n1, n2, valid_T)
             tokens = _token_count(valid_T, T, rows_Hn1.device)
             packed = torch.cat([rows_Hn1.reshape(-1), cols_Hn2.reshape(-1), tokens.view(1)])
             packed = _all_reduce(packed, self.tp_cp_group)

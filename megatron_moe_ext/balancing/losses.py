@@ -380,13 +380,18 @@ def subkey_counts(ids_THk: Tensor, n1: int, n2: int, *, valid_T: Tensor | None =
     if ids_THk.numel() and (int(ids_THk.min()) < 0 or int(ids_THk.max()) >= n1 * n2):
         raise ValueError(f"ids_THk hold values in [{int(ids_THk.min())}, {int(ids_THk.max())}], outside one head's "
                          f"[0, n1*n2) = [0, {n1 * n2}); fix: pass per-head local ids (global id - h*n1*n2)")
-    ids = ids_THk.long()
-    weight_THk = torch.ones_like(ids) if valid_T is None else valid_T.view(T, 1, 1).expand_as(ids).long()
-    head_H1 = torch.arange(H, device=ids.device).view(1, H, 1)
-    rows = torch.zeros(H * n1, dtype=torch.long, device=ids.device)
-    rows.scatter_add_(0, (ids // n2 + head_H1 * n1).reshape(-1), weight_THk.reshape(-1))
-    cols = torch.zeros(H * n2, dtype=torch.long, device=ids.device)
-    cols.scatter_add_(0, (ids % n2 + head_H1 * n2).reshape(-1), weight_THk.reshape(-1))
+    return count_subkeys(ids_THk.long(), n1, n2, valid_T)
+
+
+def count_subkeys(ids_THk: Tensor, n1: int, n2: int, valid_T: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`subkey_counts` without its checks (no host sync), for ids from our own product-key search."""
+    T, H, _ = ids_THk.shape
+    weight_THk = torch.ones_like(ids_THk) if valid_T is None else valid_T.view(T, 1, 1).expand_as(ids_THk).long()
+    head_H1 = torch.arange(H, device=ids_THk.device).view(1, H, 1)
+    rows = torch.zeros(H * n1, dtype=torch.long, device=ids_THk.device)
+    rows.scatter_add_(0, (ids_THk // n2 + head_H1 * n1).reshape(-1), weight_THk.reshape(-1))
+    cols = torch.zeros(H * n2, dtype=torch.long, device=ids_THk.device)
+    cols.scatter_add_(0, (ids_THk % n2 + head_H1 * n2).reshape(-1), weight_THk.reshape(-1))
     return rows.view(H, n1), cols.view(H, n2)
 
 

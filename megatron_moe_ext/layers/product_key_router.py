@@ -52,7 +52,11 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe_ext.balancing.attach import BalancingMixin
-from megatron_moe_ext.kernels.product_keys import product_key_half_scores, topk_from_half_scores
+from megatron_moe_ext.balancing.losses import count_subkeys
+from megatron_moe_ext.kernels.product_keys import (
+    product_key_half_scores,
+    topk_from_half_scores,
+)
 from megatron_moe_ext.layers.noisy_gating import add_gating_noise
 from megatron_moe_ext.layers.query_norm import QueryNorm
 from megatron_moe_ext.router_settings import check_router_choice, product_key_layout
@@ -195,7 +199,7 @@ class ProductKeyRouter(BalancingMixin, TopKRouter):
             rows_THk, cols_THk = torch.div(local_THk, n2, rounding_mode="floor"), local_THk % n2
             scores_THk = torch.gather(a_THn1, -1, rows_THk) + torch.gather(b_THn2, -1, cols_THk)
             if self.training and torch.is_grad_enabled():  # not in eval, nor in activation recompute
-                self._count_selections(rows_THk, cols_THk, valid_T)
+                self._count_selections(local_THk, valid_T)
         else:
             scores_THk, local_THk = topk_from_half_scores(a_THn1, b_THn2, k, subkey_topk=self.layout.subkey_topk)
         offsets_H1 = torch.arange(H, device=local_THk.device).view(H, 1) * self.layout.pool_size
@@ -208,14 +212,10 @@ class ProductKeyRouter(BalancingMixin, TopKRouter):
                 buf.data = buf.data.float()
 
     @torch.no_grad()
-    def _count_selections(self, rows_THk: torch.Tensor, cols_THk: torch.Tensor, valid_T: torch.Tensor | None) -> None:
-        w_THk = torch.ones_like(rows_THk, dtype=torch.float32)
-        if valid_T is not None:
-            w_THk = w_THk * valid_T.view(-1, 1, 1).float()
-        H = rows_THk.shape[1]
-        heads_H1 = torch.arange(H, device=rows_THk.device).view(1, H, 1)
-        self.local_row_counts.view(-1).index_add_(0, (heads_H1 * self.layout.rows + rows_THk).reshape(-1), w_THk.reshape(-1))
-        self.local_col_counts.view(-1).index_add_(0, (heads_H1 * self.layout.cols + cols_THk).reshape(-1), w_THk.reshape(-1))
+    def _count_selections(self, local_THk: torch.Tensor, valid_T: torch.Tensor | None) -> None:
+        rows_Hn1, cols_Hn2 = count_subkeys(local_THk, self.layout.rows, self.layout.cols, valid_T)
+        self.local_row_counts += rows_Hn1
+        self.local_col_counts += cols_Hn2
 
     def balancing_counts(self) -> list[torch.Tensor]:
         """The local selection counts a step's bias update reduces (rows, columns)."""
