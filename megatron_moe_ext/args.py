@@ -23,6 +23,7 @@ from megatron_moe_ext.granularity import (
     derive_fine_grained,
     explicit_conflicts,
 )
+from megatron_moe_ext.peer_settings import check_peer_parallel, peer_layer_numbers, peer_layout
 from megatron_moe_ext.router_settings import check_router_settings
 
 GROUP_TITLE = "megatron-moe-ext"
@@ -51,7 +52,21 @@ def apply_ext_args(args: argparse.Namespace) -> argparse.Namespace:
     _derive_granularity(args)
     _check_router_args(args)
     _check_balance_args(args)
+    _check_peer_args(args)
     return args
+
+
+def _check_peer_args(args: argparse.Namespace) -> None:
+    if args.moe_peer_num_experts is None:
+        return
+    peer_layout(
+        args.moe_peer_num_experts, heads=args.moe_peer_heads, topk=args.moe_peer_topk,
+        key_dim=args.moe_peer_key_dim, subkey_topk=args.moe_peer_subkey_topk,
+    )
+    peer_layer_numbers(args.moe_peer_layers, args.num_layers)
+    check_peer_parallel(
+        shard=args.moe_peer_shard, tp=args.tensor_model_parallel_size, ep=args.expert_model_parallel_size
+    )
 
 
 def _check_balance_args(args: argparse.Namespace) -> None:

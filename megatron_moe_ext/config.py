@@ -24,6 +24,15 @@ from megatron_moe_ext.granularity import (
     explicit_conflicts,
 )
 from megatron_moe_ext.layers.query_norm import QUERY_NORMS
+from megatron_moe_ext.peer_settings import (
+    PEER_ACTIVATIONS,
+    PEER_BACKENDS,
+    PEER_GATES,
+    PEER_SHARDS,
+    check_peer_parallel,
+    peer_layer_numbers,
+    peer_layout,
+)
 from megatron_moe_ext.router_settings import ROUTER_TYPES, check_router_settings
 
 # Megatron's own default for moe_router_topk; an unchanged default counts as "not set by the user"
@@ -142,6 +151,85 @@ class MoEExtConfig(TransformerConfig):
     selected at least once in the last W steps (the history is not checkpointed: it starts empty
     after a resume)."""
 
+    moe_peer_num_experts: int | None = None
+    """PEER layers (He 2024): N single-neuron experts per PEER layer, a perfect square n*n (paper:
+    1048576 = 1024^2), retrieved by product keys. Replaces the MLP of the layers named by
+    --moe-peer-layers; unset = no PEER layer."""
+
+    moe_peer_layers: str = "middle"
+    """Which layers' MLP is a PEER layer: 'middle' (layer ceil(L/2), as in the paper), 'all', or
+    1-based layer numbers such as '2,4'."""
+
+    moe_peer_heads: int = 8
+    """PEER retrieval heads: each has its own query and sub-keys and selects --moe-peer-topk experts
+    from the shared pool; their outputs are summed (experts per token G = heads * topk)."""
+
+    moe_peer_topk: int = 16
+    """Experts selected per PEER head and token."""
+
+    moe_peer_key_dim: int = 128
+    """PEER query dimension per head (even: half scores the row sub-keys, half the column ones)."""
+
+    moe_peer_subkey_topk: int | None = None
+    """Sub-keys kept per side before the final top-k (>= --moe-peer-topk for exactness; default
+    --moe-peer-topk)."""
+
+    moe_peer_query_norm: str = dataclasses.field(
+        default="batchnorm", metadata={"argparse_meta": {"choices": QUERY_NORMS}}
+    )
+    """Normalisation of PEER queries: 'batchnorm' (the paper's; exact micro-batch statistics
+    synchronised over the ranks holding distinct tokens, padding excluded; leaks across positions
+    at train time), 'layernorm', 'rmsnorm' or 'none'."""
+
+    moe_peer_activation: str = dataclasses.field(
+        default="gelu", metadata={"argparse_meta": {"choices": PEER_ACTIVATIONS}}
+    )
+    """Activation of each single-neuron expert: act(u . x) * v."""
+
+    moe_peer_gate: str = dataclasses.field(
+        default="softmax", metadata={"argparse_meta": {"choices": PEER_GATES}}
+    )
+    """Gates of a head's k selected experts, in fp32: 'softmax' over their scores or 'sigmoid'."""
+
+    moe_peer_shared_ffn_hidden_size: int | None = None
+    """Hidden size of a dense MLP branch added to every PEER layer's output (unset: none). A layer
+    without one is reported to hurt reasoning tasks."""
+
+    moe_peer_backend: str = dataclasses.field(
+        default="auto", metadata={"argparse_meta": {"choices": PEER_BACKENDS}}
+    )
+    """PEER expert compute: 'auto' (Triton on CUDA, else chunked), 'chunked' (memory-lean: chunks
+    of pairs, gathers recomputed in backward), 'embedding_bag', 'triton' (fused GPU kernel), or
+    'eager' (the reference gather path)."""
+
+    moe_peer_chunk_pairs: int = 16384
+    """(token, expert) pairs per chunk of the chunked PEER backend: its extra memory is about
+    4 * chunk * hidden values, whatever the number of tokens."""
+
+    moe_peer_deterministic: bool = False
+    """Deterministic PEER table gradients on GPU (the Triton backward sorts pairs by expert instead
+    of using atomics; slower)."""
+
+    moe_peer_shard: str = dataclasses.field(
+        default="tp", metadata={"argparse_meta": {"choices": PEER_SHARDS}}
+    )
+    """How PEER expert tables are split across ranks: 'tp' (by expert id over the tensor-parallel
+    group; outputs all-reduced, or reduce-scattered with sequence parallelism) or 'ep' (over the
+    expert-parallel group: tokens gathered within it, outputs reduce-scattered back)."""
+
+    moe_peer_table_lr_mult: float = 1.0
+    """Learning-rate multiplier of the PEER expert tables u and v (memory-layer work trains values
+    at their own rate), applied through Megatron's optimizer parameter groups."""
+
+    moe_peer_table_wd_mult: float = 1.0
+    """Weight-decay multiplier of the PEER expert tables (0 turns their weight decay off)."""
+
+    def peer_layer_numbers(self) -> list[int]:
+        """1-based numbers of the PEER layers (empty without --moe-peer-num-experts)."""
+        if self.moe_peer_num_experts is None:
+            return []
+        return peer_layer_numbers(self.moe_peer_layers, self.num_layers)
+
     def __post_init__(self) -> None:
         if self.moe_expert_backend not in EXPERT_BACKENDS:
             raise ValueError(
@@ -157,7 +245,25 @@ class MoEExtConfig(TransformerConfig):
             )
         self._check_router()
         self._check_balancing()
+        self._check_peer()
         super().__post_init__()
+
+    def _check_peer(self) -> None:
+        if self.moe_peer_num_experts is None:
+            return
+        peer_layout(
+            self.moe_peer_num_experts, heads=self.moe_peer_heads, topk=self.moe_peer_topk,
+            key_dim=self.moe_peer_key_dim, subkey_topk=self.moe_peer_subkey_topk,
+        )
+        if len(self.peer_layer_numbers()) < self.num_layers:
+            # PEER and other MLPs in one stack have different parameters, so checkpoints cannot
+            # stack them along a layer axis: Megatron's per-layer keys (its own switch for that).
+            self.hetereogenous_dist_checkpoint = True
+        check_peer_parallel(
+            shard=self.moe_peer_shard, tp=self.tensor_model_parallel_size, ep=self.expert_model_parallel_size
+        )
+        if self.moe_peer_chunk_pairs < 1:
+            raise ValueError(f"moe_peer_chunk_pairs={self.moe_peer_chunk_pairs} must be >= 1; fix: e.g. 16384")
 
     def _check_balancing(self) -> None:
         check_balance_settings(

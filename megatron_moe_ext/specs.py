@@ -30,6 +30,7 @@ from megatron_moe_ext.layers.balanced_router import BalancedNoisyTopKRouter, Bal
 from megatron_moe_ext.layers.fine_grained_experts import FineGrainedExperts
 from megatron_moe_ext.layers.noisy_gating import NoisyTopKRouter
 from megatron_moe_ext.layers.norms import SequenceParallelTorchNorm
+from megatron_moe_ext.layers.peer import PEERLayer, local_mlp_builder
 from megatron_moe_ext.layers.product_key_router import ProductKeyRouter
 
 
@@ -120,7 +121,26 @@ def moe_ext_gpt_block_spec(config: TransformerConfig, vp_stage: int | None = Non
     if router is not None:
         replacements["router"] = router
     layers = [_with_moe_submodules(spec, **replacements) for spec in block.layer_specs]
+    peer_numbers = set(config.peer_layer_numbers()) if hasattr(config, "peer_layer_numbers") else set()
+    if peer_numbers:
+        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+        offset = get_transformer_layer_offset(config, vp_stage)
+        layers = [_with_peer(spec) if offset + i + 1 in peer_numbers else spec for i, spec in enumerate(layers)]
     return dataclasses.replace(block, layer_specs=layers)
+
+
+def _with_peer(layer_spec: ModuleSpec) -> ModuleSpec:
+    """The layer spec with a PEER layer in its MLP slot (Megatron's dense MLP as its shared
+    branch) and a real pre-MLP norm.
+
+    The checkpoint-key map of the norm is kept: TransformerBlock stacks each key over all layers,
+    so a PEER layer's norm must be saved under the same name as its neighbours' (a mixed stack
+    with two names fails Megatron's sharding validation)."""
+    sub = layer_spec.submodules
+    peer = functools.partial(PEERLayer, shared_mlp=local_mlp_builder())
+    norm = sub.pre_mlp_layernorm if sub.pre_mlp_layernorm is not IdentityOp else SequenceParallelTorchNorm
+    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(sub, mlp=peer, pre_mlp_layernorm=norm))
 
 
 def hybrid_stack_spec_with_experts(stack_spec: ModuleSpec | None = None, experts: type = FineGrainedExperts) -> ModuleSpec:

@@ -145,7 +145,12 @@ def global_name(name: str, config: TransformerConfig, *, tied_embeddings: bool =
 def shard_spec(name: str, param: torch.nn.Parameter, config: TransformerConfig) -> ShardSpec | None:
     """How this rank's ``param`` relates to the full reference tensor."""
     if not getattr(param, "tensor_model_parallel", False):
-        return None
+        expert_axis = getattr(param, "expert_axis", None)
+        if expert_axis is None or getattr(param, "allreduce", True):
+            return None
+        # An expert-parallel table split along expert_axis only (e.g. PEER's u and v under EP).
+        ep = (expert_axis, ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size())
+        return ShardSpec(dim=expert_axis, rank=0, size=1, expert=ep)
     is_expert = not getattr(param, "allreduce", True)
     if is_expert:
         rank, size = ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()

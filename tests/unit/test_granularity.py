@@ -86,6 +86,22 @@ OUR_FLAGS = [
     "--moe-balance-coeff-policy",
     "--moe-balance-metrics",
     "--moe-balance-usage-window",
+    "--moe-peer-num-experts",
+    "--moe-peer-layers",
+    "--moe-peer-heads",
+    "--moe-peer-topk",
+    "--moe-peer-key-dim",
+    "--moe-peer-subkey-topk",
+    "--moe-peer-query-norm",
+    "--moe-peer-activation",
+    "--moe-peer-gate",
+    "--moe-peer-shared-ffn-hidden-size",
+    "--moe-peer-backend",
+    "--moe-peer-chunk-pairs",
+    "--moe-peer-deterministic",
+    "--moe-peer-shard",
+    "--moe-peer-table-lr-mult",
+    "--moe-peer-table-wd-mult",
 ]
 
 
