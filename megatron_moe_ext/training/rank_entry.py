@@ -35,9 +35,11 @@ def rank_main(argv: Sequence[str]) -> None:
     from megatron_moe_ext.training.gpt_step import forward_step, set_loss_log, train_valid_test_datasets_provider
     from megatron_moe_ext.training.train import add_train_args
 
+    from megatron_moe_ext.optimizer_groups import install_peer_optimizer_groups
     from megatron_moe_ext.upcycling import install_upcycling
 
     install_upcycling()  # --moe-use-upcycling with our experts (no seam in Megatron: see upcycling.py)
+    install_peer_optimizer_groups()  # PEER table lr/wd multipliers (no seam: see optimizer_groups.py)
     args = parse_megatron_args(argv, extra_args_provider=add_train_args)
     set_loss_log(args.ext_loss_log)
     from megatron_moe_ext.training.model_config import MoEExtGPTModelConfig

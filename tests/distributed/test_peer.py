@@ -68,3 +68,85 @@ def test_peer_checkpoint_reshards(case: str, tmp_path) -> None:
     for fresh, restored in loaded:
         assert not torch.allclose(fresh, saved[0], atol=1e-3), "fresh model already matches: test is vacuous"
         torch.testing.assert_close(restored, saved[0], rtol=1e-5, atol=1e-5)
+
+
+def _layer_against_reference(norm: str, gate: str, activation: str) -> dict:
+    """PEERLayer (single rank) vs the formula written out with brute-force top-k over all N keys."""
+    from megatron_moe_ext.layers.peer import PEERLayer
+    from megatron_moe_ext.testing.tiny import initialize_parallel, tiny_config
+
+    initialize_parallel(seed=3)
+    config = tiny_config(
+        num_moe_experts=None, moe_peer_num_experts=36, moe_peer_heads=3, moe_peer_topk=4, moe_peer_key_dim=6,
+        moe_peer_layers="all", moe_peer_query_norm=norm, moe_peer_gate=gate, moe_peer_activation=activation,
+        moe_peer_backend="chunked", moe_peer_chunk_pairs=10,
+    )
+    layer = PEERLayer(config)
+    S, B, h = 5, 3, config.hidden_size
+    x = torch.randn(S, B, h, requires_grad=True)
+    out, bias = layer(x)
+    assert bias is None and out.shape == (S, B, h)
+    dy = torch.randn_like(out)
+    params = [layer.query_weight, layer.row_keys, layer.col_keys, layer.u, layer.v]
+    grads = torch.autograd.grad((out * dy).sum(), [x, *params])
+
+    H, D, k, n = 3, 6, 4, 6
+    x_Th = x.reshape(-1, h)
+    q = (x_Th @ layer.query_weight.t()).view(-1, H, D)
+    if norm == "layernorm":
+        q = torch.nn.functional.layer_norm(q, (D,)) * layer.query_norm.weight + layer.query_norm.bias
+    keys_HND = torch.cat([layer.row_keys.unsqueeze(2).expand(H, n, n, D // 2),
+                          layer.col_keys.unsqueeze(1).expand(H, n, n, D // 2)], dim=-1).reshape(H, n * n, D)
+    scores_THN = torch.einsum("thd,hnd->thn", q, keys_HND)
+    top_THk, ids_THk = scores_THN.topk(k, dim=-1)
+    g = torch.softmax(top_THk, -1) if gate == "softmax" else torch.sigmoid(top_THk)
+    act = {"gelu": torch.nn.functional.gelu, "relu": torch.nn.functional.relu, "silu": torch.nn.functional.silu}[activation]
+    z = act(torch.einsum("thkd,td->thk", layer.u[ids_THk], x_Th)) * g
+    ref = torch.einsum("thk,thkd->td", z, layer.v[ids_THk]).view(S, B, h)
+    ref_grads = torch.autograd.grad((ref * dy).sum(), [x, *params])
+    return {"out": (out.detach(), ref.detach()), "grads": [(a, b) for a, b in zip(grads, ref_grads)]}
+
+
+@pytest.mark.parametrize("norm,gate,activation", [("none", "softmax", "gelu"), ("layernorm", "sigmoid", "relu")])
+def test_layer_equals_brute_force_formula(norm: str, gate: str, activation: str) -> None:
+    (result,) = run_distributed(_layer_against_reference, 1, norm, gate, activation)
+    torch.testing.assert_close(*result["out"], rtol=1e-5, atol=1e-6)
+    for name, (got, want) in zip(["x", "query", "row_keys", "col_keys", "u", "v"], result["grads"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def _optimizer_groups() -> list[dict]:
+    import argparse
+
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.training import training
+
+    from megatron_moe_ext.optimizer_groups import install_peer_optimizer_groups
+    from megatron_moe_ext.testing.tiny import build_tiny_gpt, initialize_parallel, tiny_config, wrap_ddp
+
+    initialize_parallel(seed=4)
+    model = wrap_ddp(build_tiny_gpt(tiny_config(**PEER, moe_peer_table_lr_mult=10.0, moe_peer_table_wd_mult=0.0)))
+    install_peer_optimizer_groups()
+    args = argparse.Namespace(
+        lr=1e-3, min_lr=1e-4, weight_decay=0.1, optimizer="adam", bf16=False, fp16=False,
+        moe_peer_num_experts=64, moe_peer_table_lr_mult=10.0, moe_peer_table_wd_mult=0.0,
+    )
+    config, overrides = training.get_megatron_optimizer_config(args)
+    optimizer = get_megatron_optimizer(config, [model], config_overrides=overrides)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in opt.param_groups:
+            groups.append({"names": [names.get(id(p), "?") for p in group["params"]],
+                           "max_lr": group["max_lr"], "min_lr": group["min_lr"], "wd_mult": group["wd_mult"]})
+    return groups
+
+
+def test_table_learning_rate_and_weight_decay_groups() -> None:
+    (groups,) = run_distributed(_optimizer_groups, 1)
+    tables = [g for g in groups if any(n.endswith((".mlp.u", ".mlp.v")) for n in g["names"])]
+    assert tables and all(n.endswith((".mlp.u", ".mlp.v")) for g in tables for n in g["names"])
+    for group in tables:
+        assert (group["max_lr"], group["min_lr"], group["wd_mult"]) == pytest.approx((1e-2, 1e-3, 0.0))
+    others = [g for g in groups if g not in tables and g["names"]]
+    assert others and all(g["max_lr"] == pytest.approx(1e-3) for g in others)
