@@ -1,4 +1,5 @@
-"""Parameter and FLOP accounting for Megatron GPT models, dense or MoE (pure arithmetic, stdlib only).
+"""Parameter and FLOP accounting for Megatron GPT models, dense, MoE or with PEER layers (pure
+arithmetic, stdlib only).
 
 Legend: L layers (L_moe of them MoE), h hidden size, nq attention heads, nkv query groups (GQA),
 d head dim (kv_channels), f dense FFN size, fe expert FFN size, fs shared-expert FFN size, E experts,
@@ -15,9 +16,15 @@ Parameters (exactly what Megatron's ``GPTModel`` allocates; ``b`` = bias terms w
                 product keys (Hk heads, D key dim, n1 x n2 grid per head): Hk*D*h (query) + Hk*(n1+n2)*D/2
                 (sub-keys) + query-norm affine (Hk*D rmsnorm, 2*Hk*D layernorm/batchnorm)
                 [+ Hk*(n1+n2)*h noise weights]
+    peer        per PEER layer (N = n*n single-neuron experts, H heads, k experts per head, D key dim,
+                G = H*k experts per token, fp = dense-branch size): see ``peer_layer_counts``
+                H*D*h (query) + H*2*n*D/2 (sub-keys) + query-norm affine (H*D rmsnorm, 2*H*D
+                layernorm/batchnorm) + 2*N*h (tables u, v)  [+ g*fp*h + fp*h  [+ g*fp + h b] dense branch]
     norms       L * 2*n(h) (input + pre-MLP) + n(h) (final)
+A PEER layer replaces the MLP (dense or MoE: no router, no experts) of the layers --moe-peer-layers names.
 Active parameters per token: total minus the (E - k) experts a token does not visit in each MoE layer
-(embeddings, router and shared experts count as active).
+and the N - G rows of u and of v it does not visit in each PEER layer (embeddings, routers, PEER
+retrieval, shared experts and dense branches count as active).
 
 Forward FLOPs per token (matmuls only, 2*m*n*k; causal attention averages s/2 keys per query, as in
 Megatron's ``num_floating_point_operations``):
@@ -27,8 +34,12 @@ Megatron's ``num_floating_point_operations``):
     MoE         per MoE layer: k*(2*g*fe*h + 2*fe*h) + 2*g*fs*h + 2*fs*h [+ 2*h shared gate]
     router      per MoE layer: 2*h*E   (the only term that grows with the number of experts) [x2 noisy]
                 product keys: 2*h*Hk*D + 2*Hk*(n1+n2)*D/2  [+ 2*h*Hk*(n1+n2) noisy]: O(sqrt E)
+    peer        per PEER layer: 2*h*H*D (query) + 2*H*2*n*D/2 (sub-key scores) + H*kp^2 (candidate
+                sums, kp = sub-key top-k: additions, 1 FLOP each) + 2*G*h (u dots) + 2*G*h (gated v sum)
+                + G (gate x activation products, 1 each)  [+ 2*g*fp*h + 2*fp*h dense branch]
     logits      2*h*V
-NOT counted: norms, activations, softmax, biases, residual adds, embedding lookups, token dispatch.
+NOT counted: norms, activations, softmax, biases, residual adds, embedding lookups, token dispatch,
+top-k selections (comparisons).
 Training = 3 x forward (forward, backward w.r.t. activations, backward w.r.t. weights). Inference =
 the same forward, averaged over a full causal sequence (prefill); KV-cache decoding of one token
 against c cached positions would instead cost 2*nq*d*c + 2*nq*d*c in attention per layer.
@@ -81,6 +92,14 @@ class ModelShape:
     pk_key_dim: int = 128
     pk_grid_rows: int | None = None
     pk_query_norm: str = "batchnorm"
+    peer_num_experts: int | None = None
+    peer_layers: str = "middle"
+    peer_heads: int = 8
+    peer_topk: int = 16
+    peer_key_dim: int = 128
+    peer_subkey_topk: int | None = None
+    peer_query_norm: str = "batchnorm"
+    peer_shared_ffn_hidden_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "seq_length"):
@@ -120,6 +139,22 @@ class ModelShape:
             )
         if any(pattern):
             self._check_moe()
+        if self.peer_num_experts is not None:
+            # Validates the geometry, the layer spec and the norm (ValueErrors name the fix).
+            peer_layer_counts(
+                self.hidden_size, self.peer_num_experts, self.peer_heads, self.peer_topk, self.peer_key_dim,
+                self.peer_subkey_topk, self.peer_query_norm, self.peer_shared_ffn_hidden_size,
+                self.gated_linear_unit,
+            )
+            self.peer_layer_numbers()
+
+    def peer_layer_numbers(self) -> tuple[int, ...]:
+        """1-based numbers of the layers whose MLP is a PEER layer (empty without peer_num_experts)."""
+        if self.peer_num_experts is None:
+            return ()
+        from megatron_moe_ext.peer_settings import peer_layer_numbers
+
+        return tuple(peer_layer_numbers(self.peer_layers, self.num_layers))
 
     def _check_moe(self) -> None:
         if self.num_experts is None:
@@ -142,10 +177,143 @@ def _positive(name: str, value: Any) -> None:
         raise ValueError(f"{name}={value!r} must be a positive integer")
 
 
+# Affine parameters of a PEER / product-key query norm, per (head, key-dim) feature. BatchNorm's
+# running statistics are buffers, not parameters.
+_QUERY_NORM_AFFINE = {"none": 0, "rmsnorm": 1, "layernorm": 2, "batchnorm": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class PEERCounts:
+    """Parameters and forward FLOPs per token of ONE PEER layer (``peer_layer_counts``).
+
+    params_total = query_params + subkey_params + query_norm_params + table_params + shared_params;
+    params_active = params_total - table_params + active_table_params (a token reads G rows of u and v);
+    flops_per_token_forward = query_flops + subkey_score_flops + candidate_sum_flops + expert_flops
+    + gate_flops + shared_flops.
+    """
+
+    granularity: int  # G = heads * topk single-neuron experts per token
+    grid: int  # n: sub-keys per side, N = n*n
+    subkey_topk: int  # kp: sub-keys kept per side (kp^2 candidates per head)
+    query_params: int
+    subkey_params: int
+    query_norm_params: int
+    table_params: int
+    active_table_params: int
+    shared_params: int
+    params_total: int
+    params_active: int
+    query_flops: int
+    subkey_score_flops: int
+    candidate_sum_flops: int
+    expert_flops: int
+    gate_flops: int
+    shared_flops: int
+    flops_per_token_forward: int
+
+    @property
+    def retrieval_params(self) -> int:
+        """Query projection + sub-keys + query-norm affine (the PEER analogue of a router)."""
+        return self.query_params + self.subkey_params + self.query_norm_params
+
+    @property
+    def retrieval_flops(self) -> int:
+        """Query projection + sub-key scores + candidate sums: O(sqrt N) per token."""
+        return self.query_flops + self.subkey_score_flops + self.candidate_sum_flops
+
+
+def peer_layer_counts(
+    hidden: int,
+    num_experts: int,
+    heads: int,
+    topk: int,
+    key_dim: int,
+    subkey_topk: int | None = None,
+    query_norm: str = "batchnorm",
+    shared_ffn_hidden_size: int | None = None,
+    gated: bool = False,
+    *,
+    add_bias: bool = False,
+) -> PEERCounts:
+    """Parameters and forward FLOPs per token of one PEER layer (He 2024), as ``PEERLayer`` builds it.
+
+    Legend: h = hidden, N = num_experts = n*n, H = heads, k = topk, G = H*k, D = key_dim,
+    kp = subkey_topk (default k, at most n), fp = shared_ffn_hidden_size, g = 2 if gated else 1.
+
+    Parameters:
+        query       H*D*h                         (W_q)
+        sub-keys    H * 2 * n * D/2               (row and column keys of each head)
+        query norm  2*H*D batchnorm/layernorm, H*D rmsnorm, 0 none  (running statistics are buffers)
+        tables      2*N*h total (u, v); active per token 2*G*h
+        dense       g*fp*h + fp*h  [+ g*fp + h biases with add_bias]  (Megatron's MLP, always active)
+    Forward FLOPs per token (2 per multiply-add):
+        query       2*h*H*D
+        sub-keys    2*H*2*n*D/2                   (each head scores its 2n half keys)
+        candidates  H*kp^2                        (additions of row + column scores, 1 FLOP each)
+        experts     2*G*h (u_e . x) + 2*G*h (sum of the G scaled v_e)
+        gates       G                             (gate x act(u_e . x), 1 multiply each; the
+                                                   activation and the softmax are not counted)
+        dense       2*g*fp*h + 2*fp*h
+    Top-k selections (comparisons) are not counted. The dense FFN of the same forward FLOPs has
+    f = flops_per_token_forward / (2*(g+1)*h) hidden units.
+    """
+    from megatron_moe_ext.peer_settings import peer_layout
+
+    _positive("hidden", hidden)
+    # peer_layout checks the ranges (with the fix); a float would reach math.isqrt as a TypeError.
+    for name, value in (("num_experts", num_experts), ("heads", heads), ("topk", topk), ("key_dim", key_dim)):
+        if not isinstance(value, int) or isinstance(value, bool):  # ValueError: every bad setting here is one
+            raise ValueError(f"{name}={value!r} must be an integer; fix: pass a whole number")  # noqa: TRY004
+    if query_norm not in _QUERY_NORM_AFFINE:
+        raise ValueError(f"query_norm={query_norm!r} is unknown; fix: choose from {', '.join(_QUERY_NORM_AFFINE)}")
+    if shared_ffn_hidden_size is not None and shared_ffn_hidden_size != 0:
+        _positive("shared_ffn_hidden_size", shared_ffn_hidden_size)
+    lay = peer_layout(num_experts, heads=heads, topk=topk, key_dim=key_dim, subkey_topk=subkey_topk)
+    H, D, n, kp, G = lay.heads, lay.key_dim, lay.grid, lay.subkey_topk, lay.granularity
+    g = 2 if gated else 1
+    fp = shared_ffn_hidden_size or 0
+    query = H * D * hidden
+    subkeys = H * 2 * n * (D // 2)
+    norm = _QUERY_NORM_AFFINE[query_norm] * H * D
+    tables = 2 * num_experts * hidden
+    active_tables = 2 * G * hidden
+    shared = (g * fp * hidden + fp * hidden + (g * fp + hidden if add_bias else 0)) if fp else 0
+    total = query + subkeys + norm + tables + shared
+    query_flops = 2 * hidden * H * D
+    subkey_flops = 2 * H * 2 * n * (D // 2)
+    candidate_flops = H * kp * kp
+    expert_flops = 2 * G * hidden + 2 * G * hidden
+    gate_flops = G
+    shared_flops = 2 * (g + 1) * fp * hidden
+    return PEERCounts(
+        granularity=G,
+        grid=n,
+        subkey_topk=kp,
+        query_params=query,
+        subkey_params=subkeys,
+        query_norm_params=norm,
+        table_params=tables,
+        active_table_params=active_tables,
+        shared_params=shared,
+        params_total=total,
+        params_active=total - tables + active_tables,
+        query_flops=query_flops,
+        subkey_score_flops=subkey_flops,
+        candidate_sum_flops=candidate_flops,
+        expert_flops=expert_flops,
+        gate_flops=gate_flops,
+        shared_flops=shared_flops,
+        flops_per_token_forward=query_flops + subkey_flops + candidate_flops + expert_flops + gate_flops + shared_flops,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Accounting:
     """Parameter counts and per-token FLOPs of one ModelShape (num_experts/moe_ffn_hidden_size/topk
-    are 0 for a dense model). total = embedding + attention + mlp + router + norm params."""
+    are 0 for a dense model; the peer_* counts 0 without PEER layers).
+    total = embedding + attention + mlp + router + peer + norm params; forward = attention + mlp +
+    router + peer + logits FLOPs. num_moe_layers excludes MoE layers a PEER layer replaces;
+    peer_granularity is G = heads * topk experts per token in each PEER layer."""
 
     shape: ModelShape
     num_experts: int
@@ -169,6 +337,13 @@ class Accounting:
     forward_flops_per_token: int
     training_flops_per_token: int
     inference_flops_per_token: int
+    num_peer_layers: int = 0
+    peer_granularity: int = 0
+    peer_params: int = 0
+    peer_active_params: int = 0
+    peer_retrieval_params: int = 0
+    peer_flops_per_token: int = 0
+    peer_retrieval_flops_per_token: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: every count plus the shape (moe_layer_pattern as a list)."""
@@ -183,8 +358,11 @@ def account(shape: ModelShape) -> Accounting:
     nq, nkv, V = shape.num_attention_heads, shape.num_query_groups, shape.vocab_size
     g = 2 if shape.gated_linear_unit else 1
     bias = 1 if shape.add_bias_linear else 0
-    n_moe = sum(shape.moe_layer_pattern)
-    n_dense = shape.num_layers - n_moe
+    peer_numbers = set(shape.peer_layer_numbers())
+    # A PEER layer takes the MLP slot whatever Megatron would have put there (dense MLP or MoE).
+    n_moe = sum(p for i, p in enumerate(shape.moe_layer_pattern, start=1) if i not in peer_numbers)
+    n_peer = len(peer_numbers)
+    n_dense = shape.num_layers - n_moe - n_peer
     E, fe, k = (shape.num_experts, shape.moe_ffn_hidden_size, shape.topk) if n_moe else (0, 0, 0)
     fs = (shape.shared_expert_intermediate_size or 0) if n_moe else 0
 
@@ -203,11 +381,14 @@ def account(shape: ModelShape) -> Accounting:
     expert_params = n_moe * E * one_expert
     shared = n_moe * ((mlp(fs, 0) if fs else 0) + (h if fs and shape.shared_expert_gate else 0))
     mlp_params = n_dense * mlp(shape.ffn_hidden_size, bias) + expert_params + shared
+    peer = _peer_counts(shape) if n_peer else None
     router_layer, router_flops_layer = _router_terms(shape, h, E, k, bias) if n_moe else (0, 0)
     router = n_moe * router_layer
     attention = shape.num_layers * attn_layer
     norms = shape.num_layers * 2 * norm(h) + norm(h)
-    total = embedding + attention + mlp_params + router + norms
+    peer_params = n_peer * peer.params_total if peer else 0
+    peer_inactive = n_peer * (peer.params_total - peer.params_active) if peer else 0
+    total = embedding + attention + mlp_params + router + peer_params + norms
     active_expert = n_moe * k * one_expert
     # Matmul FLOPs only: 2 per multiply-add. Causal attention: each query sees s/2 keys on average,
     # so QK^T and attention-over-values cost 2*nq*d*(s/2) each, 2*nq*d*s together.
@@ -217,7 +398,8 @@ def account(shape: ModelShape) -> Accounting:
     mlp_flops = n_dense * dense_mlp_flops + n_moe * moe_flops
     router_flops = n_moe * router_flops_layer
     logits_flops = 2 * h * V
-    forward = attn_flops + mlp_flops + router_flops + logits_flops
+    peer_flops = n_peer * peer.flops_per_token_forward if peer else 0
+    forward = attn_flops + mlp_flops + router_flops + peer_flops + logits_flops
     return Accounting(
         shape=shape,
         num_experts=E,
@@ -225,7 +407,7 @@ def account(shape: ModelShape) -> Accounting:
         topk=k,
         num_moe_layers=n_moe,
         total_params=total,
-        active_params=total - (expert_params - active_expert),
+        active_params=total - (expert_params - active_expert) - peer_inactive,
         embedding_params=embedding,
         attention_params=attention,
         mlp_params=mlp_params,
@@ -241,6 +423,22 @@ def account(shape: ModelShape) -> Accounting:
         forward_flops_per_token=forward,
         training_flops_per_token=3 * forward,
         inference_flops_per_token=forward,
+        num_peer_layers=n_peer,
+        peer_granularity=peer.granularity if peer else 0,
+        peer_params=peer_params,
+        peer_active_params=peer_params - peer_inactive,
+        peer_retrieval_params=n_peer * peer.retrieval_params if peer else 0,
+        peer_flops_per_token=peer_flops,
+        peer_retrieval_flops_per_token=n_peer * peer.retrieval_flops if peer else 0,
+    )
+
+
+def _peer_counts(shape: ModelShape) -> PEERCounts:
+    """One PEER layer of ``shape`` (the dense branch is Megatron's MLP: gated and biased as the model)."""
+    return peer_layer_counts(
+        shape.hidden_size, shape.peer_num_experts, shape.peer_heads, shape.peer_topk, shape.peer_key_dim,
+        shape.peer_subkey_topk, shape.peer_query_norm, shape.peer_shared_ffn_hidden_size,
+        shape.gated_linear_unit, add_bias=shape.add_bias_linear,
     )
 
 
@@ -253,7 +451,7 @@ def _router_terms(shape: ModelShape, h: int, E: int, k: int, bias: int) -> tuple
 
     lay = product_key_layout(E, k, heads=shape.pk_heads, key_dim=shape.pk_key_dim, grid_rows=shape.pk_grid_rows)
     Hk, D, sides = lay.heads, shape.pk_key_dim, lay.rows + lay.cols
-    norm = {"none": 0, "rmsnorm": 1, "layernorm": 2, "batchnorm": 2}[shape.pk_query_norm] * Hk * D
+    norm = _QUERY_NORM_AFFINE[shape.pk_query_norm] * Hk * D
     params = Hk * D * h + Hk * sides * D // 2 + norm
     flops = 2 * h * Hk * D + 2 * Hk * sides * D // 2
     if shape.noisy_gating:
@@ -331,6 +529,15 @@ def shape_from_args(args: Any) -> ModelShape:
         pk_key_dim=getattr(args, "moe_pk_key_dim", 128),
         pk_grid_rows=getattr(args, "moe_pk_grid_rows", None),
         pk_query_norm=getattr(args, "moe_pk_query_norm", "batchnorm"),
+        # Namespaces without our PEER flags (plain Megatron parsers) have no PEER layer.
+        peer_num_experts=getattr(args, "moe_peer_num_experts", None),
+        peer_layers=getattr(args, "moe_peer_layers", "middle"),
+        peer_heads=getattr(args, "moe_peer_heads", 8),
+        peer_topk=getattr(args, "moe_peer_topk", 16),
+        peer_key_dim=getattr(args, "moe_peer_key_dim", 128),
+        peer_subkey_topk=getattr(args, "moe_peer_subkey_topk", None),
+        peer_query_norm=getattr(args, "moe_peer_query_norm", "batchnorm"),
+        peer_shared_ffn_hidden_size=getattr(args, "moe_peer_shared_ffn_hidden_size", None),
     )
 
 
@@ -357,30 +564,52 @@ def _router_kind(acc: Accounting) -> str:
             f"{shape.pk_query_norm} queries{noisy}]")
 
 
+def _peer_kind(acc: Accounting) -> str:
+    """One line describing the PEER layers: which, N and its grid, heads x top-k, G, retrieval."""
+    shape = acc.shape
+    peer = _peer_counts(shape)
+    numbers = ",".join(str(i) for i in shape.peer_layer_numbers())
+    dense = f", dense branch {shape.peer_shared_ffn_hidden_size}" if shape.peer_shared_ffn_hidden_size else ""
+    which = "layer" if acc.num_peer_layers == 1 else "layers"
+    return (f"{acc.num_peer_layers} ({which} {numbers}: {shape.peer_num_experts} experts = {peer.grid}x{peer.grid}, "
+            f"{shape.peer_heads} head(s) x top-{shape.peer_topk}, G={acc.peer_granularity}, d_key {shape.peer_key_dim}, "
+            f"sub-key top-{peer.subkey_topk}, {shape.peer_query_norm} queries{dense})")
+
+
 def format_report(acc: Accounting) -> str:
-    """A short table: parameters in millions, FLOPs per token in GFLOP/MFLOP."""
+    """A short table: parameters in millions, FLOPs per token in GFLOP/MFLOP (PEER rows only when
+    the model has PEER layers)."""
     moe = f"{acc.num_experts} experts x {acc.moe_ffn_hidden_size}, top-{acc.topk}" if acc.num_moe_layers else "dense"
+    has_peer = acc.num_peer_layers > 0
     rows = [
         ("layers (MoE)", f"{acc.shape.num_layers} ({acc.num_moe_layers}: {moe})"),
+        *([("PEER layers", _peer_kind(acc))] if has_peer else []),
         ("total params", _params(acc.total_params)),
         ("active params", _params(acc.active_params)),
         ("  embedding", _params(acc.embedding_params)),
         ("  attention", _params(acc.attention_params)),
         ("  mlp/experts", _params(acc.mlp_params)),
         ("  router", _params(acc.router_params) + _router_kind(acc)),
+        *([("  peer", _params(acc.peer_params)),
+           ("  peer active", _params(acc.peer_active_params) + f"  [retrieval {acc.peer_retrieval_params:,} + "
+            f"2*G*h table rows + dense branch]")] if has_peer else []),
         ("  norms", _params(acc.norm_params)),
         ("forward / token", _flops(acc.forward_flops_per_token)),
         ("  attention", _flops(acc.attention_flops_per_token)),
         ("  mlp/experts", _flops(acc.mlp_flops_per_token)),
         ("  router", _flops(acc.router_flops_per_token)),
+        *([("  peer", _flops(acc.peer_flops_per_token) + f"  [retrieval {acc.peer_retrieval_flops_per_token:,}]")]
+          if has_peer else []),
         ("  logits", _flops(acc.logits_flops_per_token)),
         ("training / token", _flops(acc.training_flops_per_token) + " (3x forward)"),
         ("inference / token", _flops(acc.inference_flops_per_token) + " (forward)"),
     ]
     lines = [f"{name:<18} {value}" for name, value in rows]
+    peer_note = ("; PEER: query, sub-key scores, candidate sums (1 FLOP per addition), 2*G*h u dots + 2*G*h "
+                 "gated v sums, G gate products, dense branch") if has_peer else ""
     lines.append(
         f"Counted: matmul FLOPs (2*m*n*k) of QKV/output projections, causal attention (seq_length/2 keys "
-        f"per query, seq_length={acc.shape.seq_length}), MLP/top-k experts/shared experts, router, logits; "
-        "not norms, activations, softmax, biases or embedding lookups."
+        f"per query, seq_length={acc.shape.seq_length}), MLP/top-k experts/shared experts, router, logits"
+        f"{peer_note}; not norms, activations, softmax, top-k selections, biases or embedding lookups."
     )
     return "\n".join(lines)

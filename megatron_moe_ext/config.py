@@ -198,9 +198,10 @@ class MoEExtConfig(TransformerConfig):
     moe_peer_backend: str = dataclasses.field(
         default="auto", metadata={"argparse_meta": {"choices": PEER_BACKENDS}}
     )
-    """PEER expert compute: 'auto' (Triton on CUDA, else chunked), 'chunked' (memory-lean: chunks
-    of pairs, gathers recomputed in backward), 'embedding_bag', 'triton' (fused GPU kernel), or
-    'eager' (the reference gather path)."""
+    """PEER expert compute: 'auto' (Triton on CUDA; on CPU cpu_fused for fp32 when a C++ compiler
+    is present, else chunked), 'cpu_fused' (fused C++ kernel, fp32, built on first use),
+    'chunked' (memory-lean torch: chunks of tokens, gathers recomputed in backward),
+    'embedding_bag', 'triton' (fused GPU kernel), or 'eager' (the reference gather path)."""
 
     moe_peer_chunk_pairs: int = 16384
     """(token, expert) pairs per chunk of the chunked PEER backend: its extra memory is about

@@ -14,7 +14,7 @@ import math
 PEER_ACTIVATIONS = ("gelu", "relu", "silu")
 PEER_GATES = ("softmax", "sigmoid")
 PEER_SHARDS = ("tp", "ep")
-PEER_BACKENDS = ("auto", "eager", "chunked", "embedding_bag", "triton")
+PEER_BACKENDS = ("auto", "eager", "chunked", "embedding_bag", "cpu_fused", "triton")
 
 
 @dataclasses.dataclass(frozen=True)

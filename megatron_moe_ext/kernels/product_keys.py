@@ -91,6 +91,13 @@ def _half_scores(q_THD2: Tensor, keys: Tensor) -> Tensor:
     return torch.bmm(q_THD2.transpose(0, 1), keys.transpose(1, 2)).transpose(0, 1)  # [H,T,D2] @ [H,D2,n]
 
 
+def _half_scores_HTn(q_THD2: Tensor, keys: Tensor) -> Tensor:
+    """As ``_half_scores``, but per-head scores in bmm's own [H, T, n] layout ([T, H, n] when shared)."""
+    if keys.dim() == 2:
+        return q_THD2 @ keys.t()
+    return torch.bmm(q_THD2.transpose(0, 1), keys.transpose(1, 2))
+
+
 def product_key_half_scores(queries_THD: Tensor, subkeys: SubKeys) -> tuple[Tensor, Tensor]:
     """The two halves' scores against every sub-key: a_THn1 = q1 . C_row, b_THn2 = q2 . C_col.
 
@@ -115,12 +122,62 @@ def topk_from_half_scores(a_THn1: Tensor, b_THn2: Tensor, k: int, *, subkey_topk
     k1, k2 = min(kp, n1), min(kp, n2)
     a_THk1, row_THk1 = torch.topk(a_THn1, k1, dim=-1, sorted=True)
     b_THk2, col_THk2 = torch.topk(b_THn2, k2, dim=-1, sorted=True)
-    # k'^2 candidate sums; topk's backward scatters gradients back into a and b, hence into q, C and C'.
+    return _combine_candidates(a_THk1, row_THk1, b_THk2, col_THk2, k, n2)
+
+
+def _combine_candidates(a_THk1: Tensor, row_THk1: Tensor, b_THk2: Tensor, col_THk2: Tensor, k: int, n2: int) -> tuple[Tensor, Tensor]:
+    """Top-k of the k1 x k2 candidate sums a_i + b_j: scores_THK and ids = row * n2 + col."""
+    k2 = b_THk2.shape[-1]
+    # topk's backward scatters gradients back into a and b, hence into q, C and C'.
     cand_THC = (a_THk1.unsqueeze(-1) + b_THk2.unsqueeze(-2)).flatten(-2)
     scores_THK, flat_THK = torch.topk(cand_THC, k, dim=-1, sorted=True)
     rows_THK = torch.gather(row_THk1, -1, torch.div(flat_THK, k2, rounding_mode="floor"))
     cols_THK = torch.gather(col_THk2, -1, flat_THK % k2)
     return scores_THK, rows_THK * n2 + cols_THK
+
+
+class _HalfTopK(torch.autograd.Function):
+    """Top-k' of q_half . keys over one side's n sub-keys, with a sparse backward: only the k'
+    kept scores carry gradient, so dq = sum_j g_j c_idx(j) and dC[idx(j)] += g_j q cost
+    O(k' D2) per token and head instead of the O(n D2) of differentiating the dense scores."""
+
+    @staticmethod
+    def forward(ctx, q_THD2, keys, kp):  # type: ignore[override]
+        if q_THD2.device.type == "cpu" and q_THD2.dtype == torch.float32:
+            from megatron_moe_ext.kernels.peer_cpu import row_topk  # compiled scan; torch.topk without a compiler
+
+            # Per-head scores come out of bmm as [H, T, n]: select there (contiguous rows), then
+            # transpose the small [H, T, k'] results instead of the scores.
+            scores = _half_scores_HTn(q_THD2, keys)
+            vals, idx = row_topk(scores, kp)
+            vals_THk, idx_THk = (vals, idx) if keys.dim() == 2 else (vals.transpose(0, 1), idx.transpose(0, 1))
+        else:
+            vals_THk, idx_THk = torch.topk(_half_scores(q_THD2, keys), kp, dim=-1, sorted=True)
+        ctx.save_for_backward(q_THD2, keys, idx_THk)
+        ctx.mark_non_differentiable(idx_THk)
+        return vals_THk, idx_THk
+
+    @staticmethod
+    def backward(ctx, g_THk, _):  # type: ignore[override]
+        q_THD2, keys, idx_THk = ctx.saved_tensors
+        T, H, kp = idx_THk.shape
+        n, D2 = keys.shape[-2], keys.shape[-1]
+        # Rows of the flattened [(H,) n, D2] key table each kept score came from.
+        if keys.dim() == 3:
+            rows_THk = idx_THk + (torch.arange(H, device=idx_THk.device) * n).view(1, H, 1)
+        else:
+            rows_THk = idx_THk
+        flat_keys = keys.reshape(-1, D2)
+        g_THk = g_THk.to(q_THD2.dtype)
+        dq = None
+        if ctx.needs_input_grad[0]:
+            sel_THkD2 = flat_keys.index_select(0, rows_THk.reshape(-1)).view(T, H, kp, D2)
+            dq = torch.matmul(g_THk.unsqueeze(-2), sel_THkD2).squeeze(-2)
+        dkeys = None
+        if ctx.needs_input_grad[1]:
+            contrib = (g_THk.unsqueeze(-1) * q_THD2.unsqueeze(-2)).reshape(-1, D2)
+            dkeys = torch.zeros_like(flat_keys).index_add_(0, rows_THk.reshape(-1), contrib).view_as(keys)
+        return dq, dkeys, None
 
 
 def product_key_topk(queries_THD: Tensor, subkeys: SubKeys, k: int, *, subkey_topk: int | None = None) -> tuple[Tensor, Tensor]:
@@ -130,13 +187,15 @@ def product_key_topk(queries_THD: Tensor, subkeys: SubKeys, k: int, *, subkey_to
     subkeys: [H, 2, n, D/2] (per head), [2, n, D/2] (shared by all heads), or a pair (row_keys, col_keys) of
     [H, n1, D/2] / [H, n2, D/2] or [n1, D/2] / [n2, D/2] for a rectangular grid. ``subkey_topk`` (k', default k,
     must be >= k for exactness) sub-keys are kept per side, at most that side's n.
-    Returns scores_THK sorted descending (differentiable w.r.t. queries and sub-keys; dtype of the inputs) and
-    ids_THK int64 = row * n2 + col.
+    Returns scores_THK sorted descending (differentiable w.r.t. queries and sub-keys, with a sparse
+    backward through the kept sub-keys only; dtype of the inputs) and ids_THK int64 = row * n2 + col.
     """
     rows, cols = _split_subkeys(subkeys)
-    _validate(queries_THD, rows, cols, k, subkey_topk)
+    k1, k2 = _validate(queries_THD, rows, cols, k, subkey_topk)
     q1_THD2, q2_THD2 = queries_THD.chunk(2, dim=-1)
-    return topk_from_half_scores(_half_scores(q1_THD2, rows), _half_scores(q2_THD2, cols), k, subkey_topk=subkey_topk)
+    a_THk1, row_THk1 = _HalfTopK.apply(q1_THD2, rows, k1)
+    b_THk2, col_THk2 = _HalfTopK.apply(q2_THD2, cols, k2)
+    return _combine_candidates(a_THk1, row_THk1, b_THk2, col_THk2, k, cols.shape[-2])
 
 
 def product_key_topk_reference(queries_THD: Tensor, subkeys: SubKeys, k: int, *, subkey_topk: int | None = None) -> tuple[Tensor, Tensor]:

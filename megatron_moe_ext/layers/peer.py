@@ -51,9 +51,10 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe_ext.kernels.peer_experts import peer_experts, uniform_offsets
-from megatron_moe_ext.kernels.product_keys import product_key_half_scores, topk_from_half_scores
+from megatron_moe_ext.kernels.product_keys import product_key_topk
 from megatron_moe_ext.layers.query_norm import QueryNorm
 from megatron_moe_ext.peer_settings import check_peer_parallel, peer_layout, table_shard
+from megatron_moe_ext.runtime.huge_pages import empty_huge
 
 TABLE_NAMES = ("u", "v")
 
@@ -131,8 +132,9 @@ class PEERLayer(MegatronModule):
             _cfg(config, "moe_peer_query_norm", "batchnorm"), H, D,
             stats_group=pg_collection.tp_dp_cp if sp else pg_collection.dp_cp, sequence_parallel=sp,
         )
-        self.u = torch.nn.Parameter(torch.empty(self.shard.rows, hidden, dtype=dtype, device=device))
-        self.v = torch.nn.Parameter(torch.empty(self.shard.rows, hidden, dtype=dtype, device=device))
+        # Huge pages on CPU: the tables are read at random rows (runtime/huge_pages.py).
+        self.u = torch.nn.Parameter(empty_huge((self.shard.rows, hidden), dtype=dtype, device=device))
+        self.v = torch.nn.Parameter(empty_huge((self.shard.rows, hidden), dtype=dtype, device=device))
         for param in (self.query_weight, self.row_keys, self.col_keys):
             param.sequence_parallel = sp
         for table in (self.u, self.v):
@@ -182,8 +184,9 @@ class PEERLayer(MegatronModule):
         H, D, k = self.layout.heads, self.layout.key_dim, self.layout.topk
         q_THD = torch.nn.functional.linear(x_Th, self.query_weight.to(x_Th.dtype)).view(-1, H, D)
         q_THD = self.query_norm(q_THD, valid_T).float()
-        a_THn, b_THn = product_key_half_scores(q_THD, (self.row_keys.float(), self.col_keys.float()))
-        scores_THk, ids_THk = topk_from_half_scores(a_THn, b_THn, k, subkey_topk=self.layout.subkey_topk)
+        scores_THk, ids_THk = product_key_topk(
+            q_THD, (self.row_keys.float(), self.col_keys.float()), k, subkey_topk=self.layout.subkey_topk
+        )
         gates_THk = torch.softmax(scores_THk, dim=-1) if self.gate == "softmax" else torch.sigmoid(scores_THk)
         T = x_Th.shape[0]
         return ids_THk.reshape(T, H * k), gates_THk.reshape(T, H * k)

@@ -1,4 +1,5 @@
-"""The accounting's parameter counts equal those of real Megatron GPTModels (local spec, one rank)."""
+"""The accounting's parameter counts equal those of real Megatron GPTModels (local spec, one rank),
+PEER layers included."""
 
 from __future__ import annotations
 
@@ -56,6 +57,22 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], ModelShape]] = [
     ("noisy_topk", dict(moe_router_noisy_gating=True),
      dict(position_embedding_type="rope", share_embeddings_and_output_weights=True),
      ModelShape(**BASE, **MOE, noisy_gating=True, position_embedding_type="rope")),
+    # PEER (8x8 experts, 2 heads x top-4) replacing layer 2's MoE, with a dense branch of 16.
+    ("peer_replaces_moe_layer_2",
+     dict(moe_peer_num_experts=64, moe_peer_heads=2, moe_peer_topk=4, moe_peer_key_dim=8, moe_peer_layers="2",
+          moe_peer_shared_ffn_hidden_size=16),
+     dict(position_embedding_type="rope", share_embeddings_and_output_weights=True),
+     ModelShape(**BASE, **MOE, peer_num_experts=64, peer_heads=2, peer_topk=4, peer_key_dim=8, peer_layers="2",
+                peer_shared_ffn_hidden_size=16, position_embedding_type="rope")),
+    ("peer_all_dense_gated_biased",
+     dict(num_moe_experts=None, add_bias_linear=True, gated_linear_unit=True, moe_peer_num_experts=49,
+          moe_peer_heads=3, moe_peer_topk=2, moe_peer_key_dim=6, moe_peer_layers="all", moe_peer_query_norm="rmsnorm",
+          moe_peer_shared_ffn_hidden_size=8),
+     dict(position_embedding_type="rope", share_embeddings_and_output_weights=False),
+     ModelShape(**{**BASE, "add_bias_linear": True}, gated_linear_unit=True, peer_num_experts=49, peer_heads=3,
+                peer_topk=2, peer_key_dim=6, peer_layers="all", peer_query_norm="rmsnorm",
+                peer_shared_ffn_hidden_size=8, position_embedding_type="rope",
+                share_embeddings_and_output_weights=False)),
 ]
 
 
@@ -63,6 +80,7 @@ def count_megatron_params(cases: list[tuple[str, dict[str, Any], dict[str, Any]]
     """Build each GPTModel on this rank and count its parameters (total and router)."""
     from megatron.core.models.gpt import GPTModel
 
+    from megatron_moe_ext.layers.peer import PEERLayer
     from megatron_moe_ext.specs import moe_ext_gpt_block_spec
     from megatron_moe_ext.testing.tiny import initialize_parallel, tiny_config
 
@@ -77,6 +95,8 @@ def count_megatron_params(cases: list[tuple[str, dict[str, Any], dict[str, Any]]
             "total": sum(p.numel() for p in model.parameters()),
             "router_weight": sum(p.numel() for n, p in named.items() if n.endswith(".router.weight")),
             "router": sum(p.numel() for n, p in named.items() if ".router." in n),
+            # PEERLayer's own parameters (query, sub-keys, query norm, u, v, dense branch).
+            "peer": sum(p.numel() for mod in model.modules() if isinstance(mod, PEERLayer) for p in mod.parameters()),
         }
     return out
 
@@ -94,3 +114,4 @@ def test_param_counts_match_megatron() -> None:
         # Megatron's router weight is [num_experts, hidden] per MoE layer; product keys have none.
         dense_gate = shape.router_type != "product_key"
         assert got["router_weight"] == dense_gate * acc.num_moe_layers * acc.num_experts * shape.hidden_size, name
+        assert got["peer"] == acc.peer_params, (name, got, acc)

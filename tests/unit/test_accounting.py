@@ -4,6 +4,7 @@ formula, and the ``flops`` command."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -215,3 +216,206 @@ def test_product_key_router_hand_computed_and_sqrt_growth() -> None:
     small, large = (account(ModelShape(**base, num_experts=n, router_type="product_key", pk_key_dim=16))
                     for n in (64, 64 * 256))
     assert large.router_flops_per_token <= 16 * small.router_flops_per_token
+
+
+# -- PEER layers ------------------------------------------------------------------------------------
+# The example of tests/distributed/test_peer.py: h=32, N=64 (8x8 grid), 2 heads x top-4 (G=8), D=8,
+# batchnorm queries, a dense branch of 16 (ungated, no biases).
+PEER_EXAMPLE = dict(moe_peer_num_experts=64, moe_peer_heads=2, moe_peer_topk=4, moe_peer_key_dim=8,
+                    moe_peer_layers="2", moe_peer_shared_ffn_hidden_size=16)
+PEER_BASE = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, vocab_size=64,
+                 seq_length=16, add_bias_linear=False, position_embedding_type="rope",
+                 share_embeddings_and_output_weights=False)  # build_tiny_gpt: GPTModel's default, untied
+
+
+def test_peer_layer_counts_hand_computed() -> None:
+    from megatron_moe_ext.accounting import peer_layer_counts
+
+    c = peer_layer_counts(32, 64, 2, 4, 8, None, "batchnorm", 16, False)
+    query, subkeys, norm = 2 * 8 * 32, 2 * 2 * 8 * (8 // 2), 2 * 2 * 8   # W_q, row+col keys, BN weight+bias
+    tables, active_tables = 2 * 64 * 32, 2 * (2 * 4) * 32                # u+v; G=8 rows of each per token
+    dense = 16 * 32 + 32 * 16                                             # fc1 + fc2
+    assert (query, subkeys, norm, tables, active_tables, dense) == (512, 128, 32, 4096, 512, 1024)
+    assert (c.granularity, c.grid, c.subkey_topk) == (8, 8, 4)
+    assert (c.query_params, c.subkey_params, c.query_norm_params) == (query, subkeys, norm)
+    assert (c.table_params, c.active_table_params, c.shared_params) == (tables, active_tables, dense)
+    assert c.params_total == query + subkeys + norm + tables + dense == 5792
+    assert c.params_active == 5792 - tables + active_tables == 2208
+    assert c.retrieval_params == 672
+    f_query = 2 * 32 * 2 * 8            # 1024
+    f_subkeys = 2 * 2 * (2 * 8) * 4     # 256: each head scores 2n=16 half keys of D/2=4
+    f_candidates = 2 * 4 * 4            # 32 additions: kp^2 per head
+    f_experts = 2 * 8 * 32 + 2 * 8 * 32  # 1024: u dots + gated v sum
+    f_gates = 8                          # gate x activation, one multiply per expert
+    f_dense = 2 * 16 * 32 + 2 * 32 * 16  # 2048
+    assert (c.query_flops, c.subkey_score_flops, c.candidate_sum_flops) == (f_query, f_subkeys, f_candidates)
+    assert (c.expert_flops, c.gate_flops, c.shared_flops) == (f_experts, f_gates, f_dense)
+    assert c.flops_per_token_forward == f_query + f_subkeys + f_candidates + f_experts + f_gates + f_dense == 4392
+    assert c.retrieval_flops == 1312
+
+    # Gated dense branch with biases, rmsnorm, kp = 6 > k: fc1 doubles, norm = H*D, H*kp^2 candidates.
+    c = peer_layer_counts(32, 64, 2, 4, 8, 6, "rmsnorm", 16, True, add_bias=True)
+    assert c.shared_params == 2 * 16 * 32 + 32 * 16 + (2 * 16 + 32) == 1600
+    assert c.query_norm_params == 2 * 8 and c.candidate_sum_flops == 2 * 36
+    assert c.shared_flops == 2 * 2 * 16 * 32 + 2 * 16 * 32
+    # No norm parameters, no branch.
+    c = peer_layer_counts(32, 64, 2, 4, 8, None, "none", None, False)
+    assert c.query_norm_params == 0 and c.shared_params == c.shared_flops == 0
+    assert c.params_total == 512 + 128 + 4096
+
+
+def test_peer_layer_counts_size_a_flop_matched_dense_ffn() -> None:
+    # The benchmark use: a dense FFN of f hidden units costs 2*(g+1)*f*h per token.
+    from megatron_moe_ext.accounting import peer_layer_counts
+
+    h = 1024
+    c = peer_layer_counts(h, 1024 * 1024, 8, 16, 128, None, "batchnorm", None, False)
+    assert c.granularity == 128 and c.grid == 1024
+    # Experts: 4*G*h; retrieval: 2*h*H*D + 2*H*2n*D/2 + H*k^2; the tables do not cost FLOPs.
+    assert c.flops_per_token_forward == 4 * 128 * h + 128 + 2 * h * 8 * 128 + 2 * 8 * 2048 * 64 + 8 * 256
+    assert c.params_total - c.params_active == 2 * (1024 * 1024 - 128) * h
+    f = c.flops_per_token_forward / (2 * 2 * h)
+    # Paper-sized retrieval (H*D = 1024 = h, n = 1024) costs 8x the experts' 4*G*h: the FLOP-matched
+    # ungated FFN has ~1153 units, not the G = 128 a FLOP count of the experts alone would suggest.
+    assert c.retrieval_flops == 8 * c.expert_flops + 2048 and round(f) == 1153
+
+
+def test_peer_layer_counts_bad_input_names_the_fix() -> None:
+    from megatron_moe_ext.accounting import peer_layer_counts
+
+    with pytest.raises(ValueError, match="not a perfect square.*fix: use 49 or 64"):
+        peer_layer_counts(32, 50, 2, 4, 8)
+    with pytest.raises(ValueError, match="query_norm='group' is unknown; fix: choose from"):
+        peer_layer_counts(32, 64, 2, 4, 8, query_norm="group")
+    with pytest.raises(ValueError, match="shared_ffn_hidden_size=-4 must be a positive integer"):
+        peer_layer_counts(32, 64, 2, 4, 8, shared_ffn_hidden_size=-4)
+    with pytest.raises(ValueError, match="hidden=0 must be a positive integer"):
+        peer_layer_counts(0, 64, 2, 4, 8)
+    with pytest.raises(ValueError, match="moe_peer_layers='5' names layer"):
+        ModelShape(**PEER_BASE, peer_num_experts=64, peer_layers="5")
+
+
+def test_peer_model_hand_computed() -> None:
+    # Layer 1 MoE (4 experts top-2), layer 2: the MoE replaced by the PEER example.
+    moe = dict(num_experts=4, topk=2)
+    peer = dict(peer_num_experts=64, peer_heads=2, peer_topk=4, peer_key_dim=8, peer_layers="2",
+                peer_shared_ffn_hidden_size=16)
+    acc = account(ModelShape(**PEER_BASE, **moe, **peer))
+    plain = account(ModelShape(**PEER_BASE, **moe))
+    expert, router = 64 * 32 + 32 * 64, 4 * 32
+    assert acc.num_moe_layers == 1 and acc.num_peer_layers == 1 and acc.peer_granularity == 8
+    assert acc.mlp_params == plain.mlp_params - 4 * expert and acc.router_params == plain.router_params - router
+    assert acc.peer_params == 5792 and acc.peer_active_params == 2208 and acc.peer_retrieval_params == 672
+    assert acc.total_params == plain.total_params - 4 * expert - router + 5792
+    assert acc.active_params == acc.total_params - 2 * expert - (5792 - 2208)
+    assert acc.peer_flops_per_token == 4392 and acc.peer_retrieval_flops_per_token == 1312
+    assert acc.forward_flops_per_token == plain.forward_flops_per_token - 2 * (2 * 64 * 32 * 2) - 2 * 32 * 4 + 4392
+    assert acc.training_flops_per_token == 3 * acc.forward_flops_per_token
+    # Dense model, PEER in every layer: no dense MLP left; 'middle' of 3 layers is layer 2.
+    acc = account(ModelShape(**PEER_BASE, **{**peer, "peer_layers": "all"}))
+    assert (acc.num_moe_layers, acc.num_peer_layers, acc.mlp_params, acc.peer_params) == (0, 2, 0, 2 * 5792)
+    acc = account(ModelShape(**{**PEER_BASE, "num_layers": 3}, **{**peer, "peer_layers": "middle"}))
+    assert acc.shape.peer_layer_numbers() == (2,)
+    assert acc.mlp_params == 2 * (64 * 32 + 32 * 64) and acc.peer_params == 5792
+    # G, not N, sets the active count: 16x more experts only add inactive table rows.
+    small = account(ModelShape(**PEER_BASE, **peer))
+    large = account(ModelShape(**PEER_BASE, **{**peer, "peer_num_experts": 64 * 16}))
+    subkeys = 2 * 2 * (32 - 8) * (8 // 2)  # 2 heads x 2n sub-keys of D/2, n: 8 -> 32
+    assert large.active_params - small.active_params == subkeys
+    assert large.total_params - small.total_params == 2 * (1024 - 64) * 32 + subkeys
+
+
+def test_peer_shape_from_args() -> None:
+    import argparse
+
+    from megatron_moe_ext.args import parse_megatron_args
+
+    args = parse_megatron_args([*COMMON, "--num-layers", "4", "--moe-peer-num-experts", "64", "--moe-peer-heads", "2",
+                                "--moe-peer-topk", "4", "--moe-peer-key-dim", "8", "--moe-peer-layers", "2,4",
+                                "--moe-peer-subkey-topk", "6", "--moe-peer-query-norm", "rmsnorm",
+                                "--moe-peer-shared-ffn-hidden-size", "16"], validate=False)
+    shape = shape_from_args(args)
+    assert (shape.peer_num_experts, shape.peer_heads, shape.peer_topk, shape.peer_key_dim) == (64, 2, 4, 8)
+    assert (shape.peer_subkey_topk, shape.peer_query_norm, shape.peer_shared_ffn_hidden_size) == (6, "rmsnorm", 16)
+    assert shape.peer_layer_numbers() == (2, 4)
+    assert account(shape).num_peer_layers == 2
+    assert shape_from_args(parse_megatron_args(COMMON, validate=False)).peer_layer_numbers() == ()
+    # A namespace without our flags (Megatron's own parser): no PEER layer.
+    plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("moe_peer_")})
+    shape = shape_from_args(plain)
+    assert shape.peer_num_experts is None and account(shape).num_peer_layers == 0
+
+
+def test_flops_cli_peer(capsys: pytest.CaptureFixture[str]) -> None:
+    from megatron_moe_ext.cli import main
+
+    peer = ["--moe-peer-num-experts", "64", "--moe-peer-heads", "2", "--moe-peer-topk", "4", "--moe-peer-key-dim",
+            "8", "--moe-peer-layers", "2", "--moe-peer-shared-ffn-hidden-size", "16"]
+    assert main(["flops", *COMMON, *peer]) == 0
+    out = capsys.readouterr().out
+    assert "PEER layers        1 (layer 2: 64 experts = 8x8, 2 head(s) x top-4, G=8" in out
+    assert "dense branch 16" in out and "  peer active" in out and "PEER: query, sub-key scores" in out
+    assert main(["flops", *COMMON, *peer, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["num_peer_layers"], out["peer_granularity"]) == (1, 8)
+    # h=64 with biases (Megatron's default): retrieval 2*8*64 + 2*2*8*4 + 2*2*8, tables 2*64*64,
+    # dense branch 16*64 + 64*16 + (16 + 64) biases.
+    assert out["peer_params"] == 1024 + 128 + 32 + 8192 + 2048 + 80
+    assert out["shape"]["peer_layers"] == "2"
+    assert main(["flops", *COMMON]) == 0
+    assert "PEER" not in capsys.readouterr().out
+
+
+def count_peer_model_params(cases: list[tuple[str, dict]]) -> dict[str, dict[str, Any]]:
+    """Build each tiny PEER GPT on this rank: total parameters and, per layer, its MLP slot's parameters."""
+    from megatron_moe_ext.testing.tiny import build_tiny_gpt, initialize_parallel, tiny_config
+
+    initialize_parallel()
+    out = {}
+    for name, overrides in cases:
+        model = build_tiny_gpt(tiny_config(**overrides))
+        mlp: dict[int, int] = {}
+        for pname, p in model.named_parameters():
+            parts = pname.split(".")
+            if parts[:2] == ["decoder", "layers"] and parts[3] == "mlp":
+                mlp[int(parts[2]) + 1] = mlp.get(int(parts[2]) + 1, 0) + p.numel()
+        out[name] = {"total": sum(p.numel() for p in model.parameters()), "mlp": mlp}
+    return out
+
+
+# (name, tiny_config overrides, ModelShape kwargs beyond tiny_config's: 2 layers, h=32, f=64, LayerNorm,
+# no biases, rope, untied embeddings, vocab 64, seq 16).
+PEER_MODELS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+    ("moe_then_peer", PEER_EXAMPLE,
+     dict(num_experts=4, topk=2, peer_num_experts=64, peer_heads=2, peer_topk=4, peer_key_dim=8, peer_layers="2",
+          peer_shared_ffn_hidden_size=16)),
+    ("dense_all_gated_biased_layernorm",
+     dict(PEER_EXAMPLE, num_moe_experts=None, moe_peer_layers="all", gated_linear_unit=True, add_bias_linear=True,
+          moe_peer_query_norm="layernorm", moe_peer_subkey_topk=6),
+     dict(gated_linear_unit=True, add_bias_linear=True, peer_num_experts=64, peer_heads=2, peer_topk=4,
+          peer_key_dim=8, peer_layers="all", peer_subkey_topk=6, peer_query_norm="layernorm",
+          peer_shared_ffn_hidden_size=16)),
+    ("middle_of_3_rmsnorm_no_branch",
+     dict(num_layers=3, num_moe_experts=None, moe_peer_num_experts=36, moe_peer_heads=3, moe_peer_topk=2,
+          moe_peer_key_dim=4, moe_peer_query_norm="rmsnorm"),
+     dict(num_layers=3, peer_num_experts=36, peer_heads=3, peer_topk=2, peer_key_dim=4, peer_query_norm="rmsnorm")),
+]
+
+
+def test_peer_params_match_built_model() -> None:
+    from megatron_moe_ext.accounting import peer_layer_counts
+    from megatron_moe_ext.testing import run_distributed
+
+    counts = run_distributed(count_peer_model_params, 1, [(n, o) for n, o, _ in PEER_MODELS])[0]
+    for name, _, kwargs in PEER_MODELS:
+        shape = ModelShape(**{**PEER_BASE, **kwargs})
+        acc = account(shape)
+        got = counts[name]
+        assert got["total"] == acc.total_params, (name, got, acc)
+        one = peer_layer_counts(shape.hidden_size, shape.peer_num_experts, shape.peer_heads, shape.peer_topk,
+                                shape.peer_key_dim, shape.peer_subkey_topk, shape.peer_query_norm,
+                                shape.peer_shared_ffn_hidden_size, shape.gated_linear_unit,
+                                add_bias=shape.add_bias_linear)
+        for layer in shape.peer_layer_numbers():
+            assert got["mlp"][layer] == one.params_total, (name, layer, got, one)
+        assert sum(got["mlp"][i] for i in shape.peer_layer_numbers()) == acc.peer_params

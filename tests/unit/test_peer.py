@@ -71,6 +71,41 @@ def test_chunked_fp32_and_bf16_tables_match_reference() -> None:
             torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("ragged", [True, False])
+def test_fused_cpu_kernel_equals_reference(act: str, ragged: bool) -> None:
+    """The compiled kernel (fp32) against the fp64 eager reference of the same values."""
+    from megatron_moe_ext.kernels import peer_cpu
+
+    assert peer_cpu.available(), "the fused CPU kernel did not build (is g++ installed?)"
+    x, u, v, ids, gates, offsets, dy = _problem(T=29, h=37, ragged=ragged, dtype=torch.float32)
+    as64 = [t.detach().double().requires_grad_() for t in (x, u, v, gates)]
+    ref_out, ref_grads = _run("eager", as64[0], as64[1], as64[2], ids, as64[3], offsets, dy.double(), act)
+    out, grads = _run("cpu_fused", x, u, v, ids, gates, offsets, dy, act)
+    for got, want in zip((out, *grads), (ref_out, *ref_grads)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    # main_grad accumulation (Megatron DDP) and a partial set of gradients.
+    for table in (u, v):
+        table.main_grad = torch.full(table.shape, -1.0)
+        table.grad_added_to_main_grad = False
+    x2 = x.detach()
+    out2 = peer_experts(x2, u, v, ids, gates.detach(), offsets, act, backend="cpu_fused")
+    (out2 * dy).sum().backward()
+    for table, want in ((u, ref_grads[1]), (v, ref_grads[2])):
+        assert table.grad_added_to_main_grad
+        torch.testing.assert_close(table.main_grad.double(), want - 1.0, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_fused_cpu_kernel_refuses_other_dtypes() -> None:
+    x, u, v, ids, gates, offsets, _ = _problem(dtype=torch.float64)
+    with pytest.raises(ValueError, match="fp32 CPU tensors"):
+        peer_experts(x, u, v, ids, gates, offsets, "gelu", backend="cpu_fused")
+    from megatron_moe_ext.kernels.peer_experts import resolve_backend
+
+    assert resolve_backend("auto", x, u) == "chunked"  # auto never picks it for fp64
+    assert resolve_backend("auto", x.float(), u.float()) == "cpu_fused"
+
+
 def test_chunked_adds_table_grads_into_megatron_main_grad() -> None:
     """Megatron DDP's gradient-accumulation-fusion protocol: rows added to main_grad (existing
     contents kept), autograd gets a placeholder and grad_added_to_main_grad is set."""
@@ -195,3 +230,16 @@ def test_flags_reach_the_config_and_bad_flags_exit() -> None:
     with pytest.raises(SystemExit) as exit_info:
         parse_megatron_args([*argv[:-1], "--moe-peer-layers", "7"], validate=False)
     assert exit_info.value.code == 2
+
+
+def test_compiled_row_topk_equals_torch_topk() -> None:
+    from megatron_moe_ext.kernels.peer_cpu import available, row_topk
+
+    assert available()
+    gen = torch.Generator().manual_seed(5)
+    for shape, k in (((7, 3, 100), 16), ((50, 9), 9), ((4, 1), 1)):
+        scores = torch.randn(*shape, generator=gen)
+        vals, idx = row_topk(scores, k)
+        ref_vals, ref_idx = torch.topk(scores, k, dim=-1, sorted=True)
+        torch.testing.assert_close(vals, ref_vals, rtol=0, atol=0)
+        assert torch.equal(idx, ref_idx)
