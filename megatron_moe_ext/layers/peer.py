@@ -35,6 +35,7 @@ K = H*k, D key dim, n sub-keys per side, N experts, R table rows on this rank, P
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 import torch.distributed as dist
@@ -49,6 +50,7 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, get_expert_parallel_rng_tracker_name
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import log_single_rank
 
 from megatron_moe_ext.kernels.peer_experts import peer_experts, uniform_offsets
 from megatron_moe_ext.kernels.product_keys import product_key_topk
@@ -57,6 +59,7 @@ from megatron_moe_ext.peer_settings import check_peer_parallel, peer_layout, tab
 from megatron_moe_ext.runtime.huge_pages import empty_huge
 
 TABLE_NAMES = ("u", "v")
+logger = logging.getLogger(__name__)
 
 
 def local_mlp_builder():
@@ -109,6 +112,13 @@ class PEERLayer(MegatronModule):
         self.shard_group = pg_collection.tp if self.shard_mode == "tp" else pg_collection.ep
         shards = self.shard_group.size()
         self.shard = table_shard(self.layout.num_experts, self.shard_group.rank(), shards)
+        if self.shard.rows * shards != self.layout.num_experts:
+            log_single_rank(
+                logger, logging.INFO,
+                f"PEER: {self.layout.num_experts} experts over {shards} {self.shard_mode.upper()} ranks: "
+                f"{self.shard.rows} table rows per rank, the last {self.shard.rows * shards - self.layout.num_experts} "
+                "padding (never selected; checkpoints store the padded table and load at any other split)",
+            )
         sp = bool(config.sequence_parallel) and pg_collection.tp.size() > 1
         # Tokens differ across the shard group (sequence shards, or EP = data-parallel ranks).
         self.tokens_distinct = shards > 1 and (self.shard_mode == "ep" or sp)
