@@ -1,0 +1,87 @@
+"""Routing analysis: an on-disk trace format for routing decisions and pure statistics over it.
+
+* :mod:`megatron_moe_ext.analysis.trace_format`: the columnar, streaming routing-trace format (schema in its
+  docstring), :class:`TraceWriter` and :class:`TraceReader`.
+* :mod:`megatron_moe_ext.analysis.statistics`: load, path diversity, layer-to-layer dependence, specialisation,
+  product-key head overlap, PEER effective experts and linear CKA; pure functions plus streaming accumulators.
+
+Nothing here needs Megatron.
+"""
+
+from megatron_moe_ext.analysis.statistics import (
+    ExpertLoadAccumulator,
+    HeadOverlapAccumulator,
+    JointCountAccumulator,
+    LinearCKAAccumulator,
+    LoadStats,
+    MutualInformation,
+    PathDiversity,
+    PathDiversityAccumulator,
+    bucket_positions,
+    cka_matrix,
+    dead_experts,
+    effective_experts,
+    expert_counts,
+    expert_label_counts,
+    head_overlap,
+    linear_cka,
+    load_entropy,
+    load_stats,
+    max_violation,
+    mutual_information,
+    path_diversity,
+    path_diversity_curve,
+    path_keys,
+    plugin_mi_bias,
+    routing_dependence,
+    routing_pairs,
+    specialisation,
+    top1,
+)
+from megatron_moe_ext.analysis.trace_format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LayerChunk,
+    LayerSpec,
+    TraceChunk,
+    TraceReader,
+    TraceWriter,
+)
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "ExpertLoadAccumulator",
+    "HeadOverlapAccumulator",
+    "JointCountAccumulator",
+    "LayerChunk",
+    "LayerSpec",
+    "LinearCKAAccumulator",
+    "LoadStats",
+    "MutualInformation",
+    "PathDiversity",
+    "PathDiversityAccumulator",
+    "TraceChunk",
+    "TraceReader",
+    "TraceWriter",
+    "bucket_positions",
+    "cka_matrix",
+    "dead_experts",
+    "effective_experts",
+    "expert_counts",
+    "expert_label_counts",
+    "head_overlap",
+    "linear_cka",
+    "load_entropy",
+    "load_stats",
+    "max_violation",
+    "mutual_information",
+    "path_diversity",
+    "path_diversity_curve",
+    "path_keys",
+    "plugin_mi_bias",
+    "routing_dependence",
+    "routing_pairs",
+    "specialisation",
+    "top1",
+]
