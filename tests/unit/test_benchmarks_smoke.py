@@ -67,8 +67,8 @@ def test_bench_peer_smoke(tmp_path: Path) -> None:
     for n in (64, 256):
         assert re.search(rf"N=\s*{n} time  : PEER/dense FLOP-matched \(f=\d+\) time \d+\.\d+ .*"
                          rf"PEER/dense param-matched \(f=\d+\) time \d+\.\d+", out), out
-        assert re.search(rf"N=\s*{n} memory: chunked/eager peak extra bytes \d+\.\d+ \(chunked \d+\.\d+ MiB, "
-                         rf"eager \d+\.\d+ MiB", out), out
+        assert re.search(rf"N=\s*{n} memory: chunked/eager peak extra bytes \d+\.\d+, cpu_fused/eager \d+\.\d+ "
+                         rf"\(cpu_fused \d+\.\d+ MiB, chunked \d+\.\d+ MiB, eager \d+\.\d+ MiB", out), out
     assert "goals:" in out and "[time]" in out and "[memory]" in out, out
     payload = json.loads(out_json.read_text())
     assert [row["N"] for row in payload["time"]] == [64, 256]
