@@ -17,6 +17,12 @@ test. Variants:
 
 ``device`` and ``communication`` need EP >= 2 and are refused at EP=1 (not measured).
 
+PEER part (``--peer``, on by default; ``--no-peer`` skips it): one ``PEERLayer`` at N = 1M experts
+(hidden 512, 2048 tokens, 8 heads, top-16, key dim 128: ``bench_peer.py``'s layer and its Megatron-
+like main_grad accumulation), forward + backward with its balancing swapped between variants on the
+*same* layer (one 1M-row table pair in memory): off, the ``subkey`` loss (exact, and with
+``--moe-peer-subkey-loss-stride``), the metrics (+ step-end work), loss + metrics; interleaved.
+
 Overhead = median(on) / median(off) - 1 of the same router; also the median of per-round ratios
 (paired samples) and the CPU-time ratio as cross-checks. Before timing, each variant's output is
 checked to equal the unbalanced layer's (the losses only add gradient, not output).
@@ -51,6 +57,7 @@ SMOKE = dict(tokens=64, seq=16, hidden=32, expert_ffn=16, experts=16, topk=2, pk
 MIN_REPEATS = 5
 GOAL = 0.02
 SECTION_TITLE = "Balancing overhead on one MoE layer (CPU)"
+PEER_SECTION_TITLE = "Balancing overhead on one PEER layer at N = 1M (CPU)"
 
 # name -> (router type, config overrides, run the step-end work, baseline name)
 VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
@@ -64,6 +71,20 @@ VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
 }
 
 
+PEER_FULL = dict(peer_experts=1048576, peer_tokens=2048, peer_hidden=512, peer_heads=8, peer_topk=16,
+                 peer_key_dim=128, peer_stride=16)
+PEER_SMOKE = dict(peer_experts=256, peer_tokens=64, peer_hidden=32, peer_heads=2, peer_topk=4, peer_key_dim=16,
+                  peer_stride=4)
+# name -> (moe_balance_losses, moe_balance_metrics, stride (None: --peer-stride), run the step-end work)
+PEER_VARIANTS: dict[str, tuple[list[str] | None, bool, int | None, bool]] = {
+    "peer off": (None, False, 1, False),
+    "peer subkey": (["subkey"], False, 1, False),
+    "peer subkey, stride s": (["subkey"], False, None, False),
+    "peer metrics (+ step end)": (None, True, 1, True),
+    "peer subkey stride s + metrics (+ step end)": (["subkey"], True, None, True),
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for name in ("tokens", "seq", "hidden", "expert_ffn", "experts", "topk", "pk_key_dim", "repeats", "warmup"):
@@ -72,7 +93,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--markdown", type=Path, default=None, help="append a results section to this file")
     parser.add_argument("--smoke", action="store_true", help=f"tiny sizes (defaults {SMOKE})")
+    parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the PEER part (N = 1M needs ~9 GiB of memory)")
+    parser.add_argument("--only-peer", action="store_true", help="skip the MoELayer part")
+    for name in PEER_FULL:
+        parser.add_argument("--" + name.replace("_", "-"), type=int, help=f"default {PEER_FULL[name]}")
     args = parser.parse_args(argv)
+    for name, value in (PEER_SMOKE if args.smoke else PEER_FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     defaults = SMOKE if args.smoke else FULL
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -214,16 +243,110 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def run_peer_benchmark(args: argparse.Namespace) -> list[dict]:
+    """The PEER part: one layer, its balancing swapped per variant (same weights, same input)."""
+    from benchmarks.bench_peer import attach_main_grads, reset_grads
+    from megatron_moe_ext.balancing.bias_update import finish_balancing_step
+    from megatron_moe_ext.balancing.peer import PEERBalancing
+    from megatron_moe_ext.layers.peer import PEERLayer
+    from megatron_moe_ext.testing.tiny import tiny_config
+
+    def config(losses, metrics, stride):
+        return tiny_config(
+            num_layers=1, hidden_size=args.peer_hidden, ffn_hidden_size=4 * args.peer_hidden, num_moe_experts=None,
+            moe_peer_num_experts=args.peer_experts, moe_peer_layers="all", moe_peer_heads=args.peer_heads,
+            moe_peer_topk=args.peer_topk, moe_peer_key_dim=args.peer_key_dim, moe_peer_query_norm="batchnorm",
+            init_method_std=0.02, moe_balance_losses=losses, moe_balance_metrics=metrics,
+            moe_peer_subkey_loss_stride=stride,
+        )
+
+    torch.manual_seed(5000)
+    pg = _pg_collection()
+    layer = PEERLayer(config(None, False, 1), pg_collection=pg)
+    layer.set_layer_number(1)
+    layer.train()
+    handles = attach_main_grads(layer)
+    H, n = layer.layout.heads, layer.layout.grid
+    balancers = {}
+    for name, (losses, metrics, stride, _) in PEER_VARIANTS.items():
+        if losses is None and not metrics:
+            balancers[name] = None
+            continue
+        b = PEERBalancing(config(losses, metrics, stride or args.peer_stride), heads=H, grid=n,
+                          topk=layer.layout.topk, num_experts=layer.layout.num_experts, loss_group=pg.cp,
+                          count_group=pg.dp_cp, cp_size=1)
+        b.layer_number = 1
+        balancers[name] = b.train()
+    gen = torch.Generator().manual_seed(6000)
+    x_SBh = torch.randn(args.peer_tokens, 1, args.peer_hidden, generator=gen).requires_grad_()
+    grad_SBh = torch.randn(args.peer_tokens, 1, args.peer_hidden, generator=gen)
+
+    def clear(name: str) -> None:
+        x_SBh.grad = None
+        reset_grads(layer)
+
+    def step(name: str):
+        step_end = PEER_VARIANTS[name][3]
+
+        def run() -> torch.Tensor:
+            layer.balancing = balancers[name]
+            out, _ = layer(x_SBh)
+            out.backward(grad_SBh)
+            if step_end:
+                finish_balancing_step([layer])
+            return out
+
+        return run
+
+    fns = {name: step(name) for name in PEER_VARIANTS}
+    # Check: balancing changes no output. Batch-norm statistics would drift between calls, so the
+    # check runs in one go per variant from the same running stats (outputs use batch stats).
+    outs = {}
+    for name in fns:
+        clear(name)
+        outs[name] = fns[name]().detach()
+    for name in fns:
+        if not torch.allclose(outs[name], outs["peer off"], atol=1e-5, rtol=1e-5):
+            raise SystemExit(f"check failed: {name} output differs from peer off")
+    del outs
+    samples: dict[str, list[float]] = {}
+    cpu_samples: dict[str, list[float]] = {}
+    medians = interleaved_medians(fns, args.repeats, max(0, args.warmup - 1), setup=clear, samples=samples,
+                                  cpu_samples=cpu_samples)
+    for handle in handles:
+        handle.remove()
+    rows = []
+    for name in fns:
+        label = name.replace("stride s", f"stride {args.peer_stride}")
+        row = dict(name=label, router="peer", step_end=PEER_VARIANTS[name][3], base=None if name == "peer off" else "peer off",
+                   median=medians[name], cpu=statistics.median(cpu_samples[name]), router_median=float("nan"))
+        if name != "peer off":
+            row["overhead"] = medians[name] / medians["peer off"] - 1
+            row["paired"] = statistics.median(paired_ratios(samples, name, "peer off")) - 1
+            row["cpu_overhead"] = row["cpu"] / statistics.median(cpu_samples["peer off"]) - 1
+            row["router_overhead"] = float("nan")
+        rows.append(row)
+    return rows
+
+
+def _ms(t: float) -> str:
+    return "n/a" if t != t else f"{t * 1e3:.2f}"
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x != x else f"{x:+.2%}"
+
+
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     headers = ["variant", "median fwd+bwd (ms)", "overhead (median ratio - 1)", "paired ratio - 1",
                "CPU-time ratio - 1", "router fwd+bwd (ms)", "router delta / layer", f"<= {GOAL:.0%}"]
     out = []
     for r in rows:
         if r["base"] is None:
-            out.append([r["name"], f"{r['median'] * 1e3:.1f}", "-", "-", "-", f"{r['router_median'] * 1e3:.2f}", "-", "-"])
+            out.append([r["name"], f"{r['median'] * 1e3:.1f}", "-", "-", "-", _ms(r['router_median']), "-", "-"])
         else:
             out.append([r["name"], f"{r['median'] * 1e3:.1f}", f"{r['overhead']:+.2%}", f"{r['paired']:+.2%}",
-                        f"{r['cpu_overhead']:+.2%}", f"{r['router_median'] * 1e3:.2f}", f"{r['router_overhead']:+.2%}",
+                        f"{r['cpu_overhead']:+.2%}", _ms(r['router_median']), _pct(r['router_overhead']),
                         "met" if r["overhead"] <= GOAL else "NOT met"])
     return headers, out
 
@@ -233,10 +356,12 @@ def goal_lines(rows: list[dict]) -> list[str]:
     for r in rows:
         if r["base"] is not None:
             ok = r["overhead"] <= GOAL
-            lines.append(f"- {r['name']}: overhead {r['overhead']:+.2%} vs {r['base']} (router-only estimate "
-                         f"{r['router_overhead']:+.2%}) -> {'met' if ok else 'NOT met'} (goal <= {GOAL:.0%})")
+            extra = "" if r["router"] == "peer" else f" (router-only estimate {r['router_overhead']:+.2%})"
+            lines.append(f"- {r['name']}: overhead {r['overhead']:+.2%} vs {r['base']}{extra} -> "
+                         f"{'met' if ok else 'NOT met'} (goal <= {GOAL:.0%})")
     lines.append("- device, communication: need EP >= 2, refused at EP=1 -> not measured here")
-    lines.append("- PEER at N = 1M experts: not built yet -> not measurable")
+    if not any(r["router"] == "peer" for r in rows):
+        lines.append("- PEER: not measured in this run (--no-peer)")
     return lines
 
 
@@ -246,8 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     setup_runtime(args.threads)
     try:
-        rows = run_benchmark(args)
+        rows = [] if args.only_peer else run_benchmark(args)
         _free()
+        if args.peer:
+            rows += run_peer_benchmark(args)
+            _free()
     finally:
         teardown_runtime()
     headers, body = table(rows)
@@ -255,6 +383,13 @@ def main(argv: list[str] | None = None) -> int:
                f"{args.experts} experts of ffn {args.expert_ffn} (gelu, 'grouped' backend), top-{args.topk}, fp32, "
                f"alltoall dispatcher at EP=1, product-key d_key {args.pk_key_dim}; forward + backward; "
                f"{args.repeats} interleaved repeats after {args.warmup} warm-up round(s)")
+    if args.only_peer:
+        setting = f"{args.repeats} interleaved repeats after {args.warmup} warm-up round(s)"
+    if args.peer:
+        setting += (f". PEER part: one PEERLayer, N = {args.peer_experts} experts, {args.peer_tokens} tokens, hidden "
+                    f"{args.peer_hidden}, {args.peer_heads} heads x top-{args.peer_topk}, key dim {args.peer_key_dim}, "
+                    "batchnorm query norm, default backend, fp32, Megatron-like main_grad accumulation; its balancing "
+                    "swapped per variant on the same layer (router columns: n/a)")
     print(setting)
     print(text_table(headers, body))
     goals = goal_lines(rows)
@@ -263,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         command = "python benchmarks/bench_balancing_overhead.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         machine_text = "\n".join(f"- {k}: {v}" for k, v in machine.items())
         section = (
-            f"\n## {SECTION_TITLE}\n\nMeasured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} in "
+            f"\n## {PEER_SECTION_TITLE if args.only_peer else SECTION_TITLE}\n\nMeasured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} in "
             f"{(time.time() - start) / 60:.1f} min.\n\nMachine:\n\n{machine_text}\n\nCommand:\n\n```\n{command}\n```\n\n"
             f"Setting: {setting}. Megatron's aux loss and z-loss off; our losses at their default coefficient. "
             "global_expert and metrics include the once-per-step step-end work (`finish_balancing_step`) in "

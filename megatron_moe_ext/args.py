@@ -79,6 +79,7 @@ def _check_balance_args(args: argparse.Namespace) -> None:
         router_type=args.moe_router_type,
         num_experts=args.num_experts,
         ep_size=args.expert_model_parallel_size,
+        peer_num_experts=args.moe_peer_num_experts,
     )
 
 

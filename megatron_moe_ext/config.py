@@ -225,6 +225,13 @@ class MoEExtConfig(TransformerConfig):
     moe_peer_table_wd_mult: float = 1.0
     """Weight-decay multiplier of the PEER expert tables (0 turns their weight decay off)."""
 
+    moe_peer_subkey_loss_stride: int = 1
+    """PEER layers with --moe-balance-losses subkey: estimate the loss's soft row/column marginals
+    from every s-th local token (the hard counts always use all tokens). The marginals need dense
+    half scores over all n sub-keys and a dense backward, ~3x the retrieval's sub-key work; s > 1
+    divides that cost by s (an unbiased estimate of the marginals for shuffled tokens). 1 = exact,
+    the router's loss."""
+
     def peer_layer_numbers(self) -> list[int]:
         """1-based numbers of the PEER layers (empty without --moe-peer-num-experts)."""
         if self.moe_peer_num_experts is None:
@@ -263,6 +270,10 @@ class MoEExtConfig(TransformerConfig):
         check_peer_parallel(
             shard=self.moe_peer_shard, tp=self.tensor_model_parallel_size, ep=self.expert_model_parallel_size
         )
+        if isinstance(self.moe_peer_subkey_loss_stride, bool) or not isinstance(self.moe_peer_subkey_loss_stride, int) \
+                or self.moe_peer_subkey_loss_stride < 1:
+            raise ValueError(f"moe_peer_subkey_loss_stride={self.moe_peer_subkey_loss_stride!r} must be an int >= 1; "
+                             "fix: 1 (exact) or e.g. 16 (marginals from every 16th token)")
         if self.moe_peer_chunk_pairs < 1:
             raise ValueError(f"moe_peer_chunk_pairs={self.moe_peer_chunk_pairs} must be >= 1; fix: e.g. 16384")
 
@@ -276,6 +287,7 @@ class MoEExtConfig(TransformerConfig):
             router_type=self.moe_router_type,
             num_experts=self.num_moe_experts,
             ep_size=self.expert_model_parallel_size,
+            peer_num_experts=self.moe_peer_num_experts,
         )
         if "global_expert" in (self.moe_balance_losses or []) or self.moe_balance_metrics:
             self._install_step_hook()

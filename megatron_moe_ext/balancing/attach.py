@@ -65,6 +65,35 @@ def _token_count(valid_T: Tensor | None, T: int, device: torch.device) -> Tensor
     return valid_T.sum().long()
 
 
+def reduced_subkey_loss(
+    a_THn1: Tensor,
+    b_THn2: Tensor,
+    local_THk: Tensor,
+    valid_T: Tensor | None,
+    coeff: float,
+    group,
+    *,
+    score_stride: int = 1,
+) -> Tensor:
+    """``subkey_marginal_loss`` of this micro-batch with the row/column counts and the token count
+    summed over ``group`` (the ranks holding other tokens of the same sequences) in one all-reduce.
+
+    Shared by the product-key router and PEER layers (one implementation). ``score_stride`` s > 1
+    estimates the soft marginals P from every s-th local token only (a_THn1 / b_THn2 are then the
+    scores of tokens 0, s, 2s, ...: [ceil(T/s), H, n]); the counts f always cover all T tokens.
+    """
+    T, H, k = local_THk.shape
+    n1, n2 = a_THn1.shape[-1], b_THn2.shape[-1]
+    with torch.no_grad():
+        rows_Hn1, cols_Hn2 = count_subkeys(local_THk, n1, n2, valid_T)
+        tokens = _token_count(valid_T, T, rows_Hn1.device)
+        packed = torch.cat([rows_Hn1.reshape(-1), cols_Hn2.reshape(-1), tokens.view(1)])
+        packed = _all_reduce(packed, group)
+    rows_Hn1, cols_Hn2 = packed[: H * n1].view(H, n1), packed[H * n1 : -1].view(H, n2)
+    valid_scored = None if valid_T is None else valid_T[::score_stride]
+    return subkey_marginal_loss(a_THn1, b_THn2, rows_Hn1, cols_Hn2, packed[-1], k, coeff, valid_T=valid_scored)
+
+
 class BalancingMixin:
     """Balance losses and step metrics for a ``TopKRouter`` subclass (Megatron's router API:
     ``config``, ``topk``, process groups, ``attach_and_log_load_balancing_loss``, ``layer_number``).
@@ -96,6 +125,10 @@ class BalancingMixin:
                     f"the {name} balance loss needs an EP group of >= 2 ranks, this router's has "
                     f"{self.balance_ep_size}; fix: --expert-model-parallel-size >= 2, or the expert loss"
                 )
+        if "subkey" in kinds and self._balance_grid() is None and getattr(cfg, "moe_peer_num_experts", None):
+            # --moe-balance-losses subkey is for the PEER layers of this model, not this dense router.
+            self.balance_losses = [(n, c) for n, c in self.balance_losses if n != "subkey"]
+            kinds.discard("subkey")
         if "subkey" in kinds and self._balance_grid() is None:
             raise ValueError(f"the subkey balance loss needs product keys, not {type(self).__name__}; fix: "
                              "--moe-router-type product_key")
@@ -229,15 +262,7 @@ class BalancingMixin:
     def _subkey_loss(
         self, a_THn1: Tensor, b_THn2: Tensor, local_THk: Tensor, valid_T: Tensor | None, coeff: float
     ) -> Tensor:
-        T, H, k = local_THk.shape
-        n1, n2 = a_THn1.shape[-1], b_THn2.shape[-1]
-        with torch.no_grad():
-            rows_Hn1, cols_Hn2 = count_subkeys(local_THk, n1, n2, valid_T)
-            tokens = _token_count(valid_T, T, rows_Hn1.device)
-            packed = torch.cat([rows_Hn1.reshape(-1), cols_Hn2.reshape(-1), tokens.view(1)])
-            packed = _all_reduce(packed, self.tp_cp_group)
-        rows_Hn1, cols_Hn2 = packed[: H * n1].view(H, n1), packed[H * n1 : -1].view(H, n2)
-        return subkey_marginal_loss(a_THn1, b_THn2, rows_Hn1, cols_Hn2, packed[-1], k, coeff, valid_T=valid_T)
+        return reduced_subkey_loss(a_THn1, b_THn2, local_THk, valid_T, coeff, self.tp_cp_group)
 
     # ------------------------------------------------------------------------------------------
     # Once per step (called by bias_update.finish_balancing_step)

@@ -47,8 +47,8 @@ def update_balancing_biases(model: list[torch.nn.Module]) -> None:
 
 
 def finish_balancing_step(model: list[torch.nn.Module]) -> None:
-    """Record every balancing router's step metrics (one all-reduce of all their step loads over
-    TP x DP x CP) and reset their per-step buffers."""
+    """Record every balancing router's and PEER layer's step metrics (one all-reduce of all their
+    step loads per counting group) and reset their per-step buffers."""
     modules = [
         module
         for chunk in model
@@ -56,13 +56,18 @@ def finish_balancing_step(model: list[torch.nn.Module]) -> None:
         if hasattr(module, "reset_balancing_step")
     ]
     counting = [(module, counts) for module in modules if (counts := module.balance_step_counts()) is not None]
-    if counting:
-        flat = torch.cat([counts.reshape(-1) for _, counts in counting])
-        group = counting[0][0].tp_dp_cp_group
+    # One all-reduce per group: routers count over TP x DP x CP; PEER layers over the ranks with
+    # distinct tokens (``balance_count_group``: without sequence parallelism TP ranks hold copies).
+    by_group: dict[int, tuple[object, list]] = {}
+    for module, counts in counting:
+        group = getattr(module, "balance_count_group", None) or module.tp_dp_cp_group
+        by_group.setdefault(id(group), (group, []))[1].append((module, counts))
+    for group, members in by_group.values():
+        flat = torch.cat([counts.reshape(-1) for _, counts in members])
         if torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
             torch.distributed.all_reduce(flat, group=group)
-        reduced = torch.split(flat, [counts.numel() for _, counts in counting])
-        for (module, _), counts in zip(counting, reduced):
+        reduced = torch.split(flat, [counts.numel() for _, counts in members])
+        for (module, _), counts in zip(members, reduced):
             module.record_balance_step(counts)
     for module in modules:
         module.reset_balancing_step()

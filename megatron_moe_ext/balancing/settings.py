@@ -17,6 +17,13 @@ The losses (``losses.py``) and where each is attached (``attach.py``):
 | device        | device_balance_loss                | TP x CP                            | device_balance_loss        |
 | communication | communication_balance_loss         | none (what this rank sends)        | comm_balance_loss          |
 | subkey        | subkey_marginal_loss (product keys)| TP x CP                            | subkey_balance_loss        |
+
+PEER layers (``--moe-peer-num-experts``) take part in ``subkey`` and the metrics only: the same
+flags turn them on (``subkey`` then needs product keys in the router *or* PEER layers, and a
+PEER-only model, num_moe_experts None, may use ``subkey`` and the metrics); the other losses need
+Megatron MoE layers. PEER's sub-key counts are all-reduced over the ranks holding distinct tokens of
+the same sequence (TP x CP with sequence parallelism, CP otherwise: its retrieval is replicated on
+TP ranks), its step load over those and DP (``balancing/peer.py``).
 """
 
 from __future__ import annotations
@@ -63,8 +70,14 @@ def check_balance_settings(
     router_type: str,
     num_experts: int | None,
     ep_size: int,
+    peer_num_experts: int | None = None,
 ) -> None:
-    """Refuses balance settings that would be ignored, contradict each other or cannot apply."""
+    """Refuses balance settings that would be ignored, contradict each other or cannot apply.
+
+    ``peer_num_experts``: --moe-peer-num-experts (None = no PEER layer); PEER layers balance with
+    ``subkey`` and record the metrics, so with them a model needs no Megatron MoE layer for those.
+    """
+    peer = peer_num_experts is not None
     if coeffs is not None and losses is None:
         raise ValueError(
             f"--moe-balance-coeffs {' '.join(map(str, coeffs))} without --moe-balance-losses: nothing would use "
@@ -79,9 +92,10 @@ def check_balance_settings(
         raise ValueError(f"--moe-balance-coeff-policy {policy!r} is unknown; choose from {', '.join(COEFF_POLICIES)}")
     if isinstance(usage_window, bool) or not isinstance(usage_window, int) or usage_window < 1:
         raise ValueError(f"--moe-balance-usage-window {usage_window!r} must be an int >= 1 (steps); fix: e.g. 100")
-    if (losses is not None or metrics) and num_experts is None:
+    if (losses is not None or metrics) and num_experts is None and not peer:
         what = "--moe-balance-losses" if losses is not None else "--moe-balance-metrics"
-        raise ValueError(f"{what} needs MoE layers; fix: set --num-experts (or --moe-granularity)")
+        raise ValueError(f"{what} needs MoE layers; fix: set --num-experts (or --moe-granularity), or "
+                         "--moe-peer-num-experts for PEER layers (subkey loss and metrics)")
     if losses is None:
         return
     losses = list(losses)
@@ -109,12 +123,21 @@ def check_balance_settings(
                     f"--moe-balance-coeffs: {c!r} for the {name} loss must be a finite number >= 0; fix: a weight "
                     f"such as {DEFAULT_BALANCE_COEFF} (0 turns that loss off)"
                 )
-    if "subkey" in losses and router_type != "product_key":
+    if "subkey" in losses and router_type != "product_key" and not peer:
         raise ValueError(
-            f"--moe-balance-losses subkey with --moe-router-type {router_type}: the sub-key marginal loss balances "
-            "the rows and columns of product-key grids, which this router does not have; fix: --moe-router-type "
-            "product_key, or the expert / global_expert loss for the dense router"
+            f"--moe-balance-losses subkey with --moe-router-type {router_type} and no PEER layer: the sub-key "
+            "marginal loss balances the rows and columns of product-key grids, which this router does not have; "
+            "fix: --moe-router-type product_key, or --moe-peer-num-experts (PEER layers), or the expert / "
+            "global_expert loss for the dense router"
         )
+    if num_experts is None:  # PEER-only model: only its own losses can apply
+        others = [n for n in losses if n != "subkey"]
+        if others:
+            raise ValueError(
+                f"--moe-balance-losses {' '.join(others)} without --num-experts: these balance Megatron MoE layers "
+                "and this model has only PEER layers (which use the subkey loss); fix: --moe-balance-losses subkey, "
+                "or add MoE layers with --num-experts"
+            )
     for name in _EP_LOSSES:
         if name not in losses:
             continue
@@ -182,6 +205,8 @@ def tracked_names_for(config) -> list[str]:
     return tracked_names(
         coefficients,
         metrics=bool(getattr(config, "moe_balance_metrics", False)),
-        product_key=getattr(config, "moe_router_type", "topk") == "product_key",
+        # PEER layers record the row/column usage too (their sub-key grids).
+        product_key=getattr(config, "moe_router_type", "topk") == "product_key"
+        or getattr(config, "moe_peer_num_experts", None) is not None,
         ep_size=getattr(config, "expert_model_parallel_size", 1) or 1,
     )

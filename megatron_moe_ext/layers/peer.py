@@ -52,6 +52,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import log_single_rank
 
+from megatron_moe_ext.balancing.peer import PEERBalancing
 from megatron_moe_ext.kernels.peer_experts import peer_experts, uniform_offsets
 from megatron_moe_ext.kernels.product_keys import product_key_topk
 from megatron_moe_ext.layers.query_norm import QueryNorm
@@ -157,6 +158,15 @@ class PEERLayer(MegatronModule):
                 table.allreduce = False  # expert grads: reduced over expert-data-parallel ranks
                 table.expert_axis = 0
         self.reset_parameters()
+        # --moe-balance-losses subkey / --moe-balance-metrics (balancing/peer.py). Loss counts over the
+        # ranks holding other tokens of the same sequences, step load over all ranks with distinct tokens.
+        balancing = PEERBalancing(
+            config, heads=H, grid=n, topk=self.layout.topk, num_experts=self.layout.num_experts,
+            loss_group=pg_collection.tp_cp if sp else pg_collection.cp,
+            count_group=pg_collection.tp_dp_cp if sp else pg_collection.dp_cp,
+            cp_size=pg_collection.cp.size(), is_mtp_layer=is_mtp_layer,
+        )
+        self.balancing = balancing if balancing.enabled else None
         self.shared_mlp = None
         shared_size = _cfg(config, "moe_peer_shared_ffn_hidden_size", None)
         if shared_size:
@@ -187,6 +197,8 @@ class PEERLayer(MegatronModule):
 
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number
+        if self.balancing is not None:
+            self.balancing.layer_number = layer_number
 
     # -- retrieval -----------------------------------------------------------------------------
     def retrieve(self, x_Th: torch.Tensor, valid_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,12 +206,15 @@ class PEERLayer(MegatronModule):
         H, D, k = self.layout.heads, self.layout.key_dim, self.layout.topk
         q_THD = torch.nn.functional.linear(x_Th, self.query_weight.to(x_Th.dtype)).view(-1, H, D)
         q_THD = self.query_norm(q_THD, valid_T).float()
-        scores_THk, ids_THk = product_key_topk(
-            q_THD, (self.row_keys.float(), self.col_keys.float()), k, subkey_topk=self.layout.subkey_topk
-        )
+        subkeys = (self.row_keys.float(), self.col_keys.float())
+        scores_THk, ids_THk = product_key_topk(q_THD, subkeys, k, subkey_topk=self.layout.subkey_topk)
         gates_THk = torch.softmax(scores_THk, dim=-1) if self.gate == "softmax" else torch.sigmoid(scores_THk)
         T = x_Th.shape[0]
-        return ids_THk.reshape(T, H * k), gates_THk.reshape(T, H * k)
+        gates_TK = gates_THk.reshape(T, H * k)
+        if self.balancing is not None and self.balancing.active():
+            # Balance loss attached to the gates (Megatron's aux-loss autoscaler), step load counted.
+            gates_TK = self.balancing(q_THD, subkeys, ids_THk, valid_T, gates_TK)
+        return ids_THk.reshape(T, H * k), gates_TK
 
     # -- experts -------------------------------------------------------------------------------
     def _experts(self, x_Th: torch.Tensor, ids_P: torch.Tensor, gates_P: torch.Tensor, offsets_T1: torch.Tensor) -> torch.Tensor:

@@ -102,6 +102,7 @@ OUR_FLAGS = [
     "--moe-peer-shard",
     "--moe-peer-table-lr-mult",
     "--moe-peer-table-wd-mult",
+    "--moe-peer-subkey-loss-stride",
 ]
 
 
