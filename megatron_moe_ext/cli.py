@@ -12,6 +12,12 @@ def _train(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _launch(argv: Sequence[str]) -> int:
+    from megatron_moe_ext.launch import main
+
+    return main(argv)
+
+
 def _flops(argv: Sequence[str]) -> int:
     from megatron_moe_ext.accounting_cli import main
 
@@ -22,6 +28,7 @@ def _flops(argv: Sequence[str]) -> int:
 # every Megatron flag through unchanged, which a parent argparse parser would fight.
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "train": (_train, "pretrain with megatron.training.pretrain (embedded tiny MoE demo without data flags)"),
+    "launch": (_launch, "run an unmodified Megatron-LM pretrain_gpt.py with our flags, config and specs (no patch)"),
     "flops": (_flops, "parameters and FLOPs per token (total/active, router term) for Megatron model flags [--json]"),
 }
 

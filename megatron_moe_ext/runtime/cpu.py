@@ -69,6 +69,11 @@ a 128 MiB alloc+fill 100-340 ms fresh vs 10 ms reused). ``enable_cpu_runtime`` r
 threshold to 1 GiB and the trim threshold to 16 GiB with ``mallopt`` (glibc only), so freed memory
 stays in the heap for reuse: resident memory stays near the peak of the step. Set
 ``MEGATRON_MOE_EXT_KEEP_MALLOC=1`` to leave the allocator alone.
+
+12. With TP or CP > 1, ``validate_args`` (``mt/arguments.py:1414``) asks
+   ``get_device_arch_version()``, which reads the properties of ``cuda:0`` and fails without a
+   driver: it reports 0 (pre-Blackwell), whose only demand, ``CUDA_DEVICE_MAX_CONNECTIONS=1``,
+   means nothing on CPU.
 """
 
 from __future__ import annotations
@@ -267,6 +272,11 @@ def _patch_megatron() -> None:
     training.set_jit_fusion_options = lambda *a, **k: None
     initialize.set_jit_fusion_options = lambda *a, **k: None
     datasets_utils.compile_helpers = lambda: None
+
+    # (12) the device arch asked by validate_args under TP/CP > 1.
+    from megatron.training import arguments as training_arguments
+
+    training_arguments.get_device_arch_version = lambda: 0
 
     # (8) DistributedOptimizer resume with torch Adam: complete init_state_fn's state with 'step'.
     original_init = distrib_optimizer.DistributedOptimizer.__init__

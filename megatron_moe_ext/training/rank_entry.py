@@ -36,10 +36,12 @@ def rank_main(argv: Sequence[str]) -> None:
     from megatron_moe_ext.training.train import add_train_args
 
     from megatron_moe_ext.optimizer_groups import install_peer_optimizer_groups
+    from megatron_moe_ext.telemetry import install_telemetry
     from megatron_moe_ext.upcycling import install_upcycling
 
     install_upcycling()  # --moe-use-upcycling with our experts (no seam in Megatron: see upcycling.py)
     install_peer_optimizer_groups()  # PEER table lr/wd multipliers (no seam: see optimizer_groups.py)
+    install_telemetry()  # NVML GPU telemetry next to Megatron's log (one notice without NVML)
     args = parse_megatron_args(argv, extra_args_provider=add_train_args)
     set_loss_log(args.ext_loss_log)
     from megatron_moe_ext.training.model_config import MoEExtGPTModelConfig

@@ -1,0 +1,201 @@
+"""GPU telemetry next to Megatron's training log: memory used, power, energy per token, SM clock.
+
+Every ``--log-interval`` iterations the last rank (the one that prints Megatron's iteration line)
+samples its GPU through NVML (``nvidia-ml-py``, imported as ``pynvml``) and prints one line
+right after Megatron's, and writes the same values to the TensorBoard writer when Megatron has one
+(``--tensorboard-dir``), under ``gpu/*``.
+
+Seam: none exists. ``megatron.training.training.training_log`` builds its console line as a local
+string and offers no callback (its own ``--log-energy`` covers energy per iteration only, through
+a private monitor), so ``install_telemetry`` wraps that module attribute, which ``train()`` looks
+up at each call; the original runs unchanged and first.
+
+Energy per token is this GPU's energy over the interval divided by the tokens this GPU's share of
+the job processed, ``E_gpu / (tokens / world_size)``: for ranks that draw alike it equals the
+whole job's energy per token. NVML's counter is cumulative millijoules since driver load
+(``nvmlDeviceGetTotalEnergyConsumption``, Volta and newer).
+
+Without NVML (package missing, no driver, no GPU) ``install_telemetry`` prints one notice on rank 0
+and installs nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable
+from typing import Any, Protocol
+
+try:  # optional dependency, guarded once (nvidia-ml-py)
+    import pynvml
+
+    HAVE_NVML = True
+except ImportError:
+    pynvml = None
+    HAVE_NVML = False
+
+NOTICE_PREFIX = "> megatron-moe-ext telemetry:"
+_STATE: dict[str, Any] = {"installed": False, "noticed": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuSample:
+    """One NVML reading of one GPU."""
+
+    memory_used_bytes: int
+    """Device memory in use (all processes), bytes."""
+    power_w: float
+    """Instantaneous board power, watts."""
+    energy_mj: float
+    """Cumulative energy since the driver loaded, millijoules."""
+    sm_clock_mhz: float
+    """Current SM clock, MHz."""
+
+
+class Sampler(Protocol):
+    """Anything that returns a ``GpuSample`` for the local GPU (NVML, or a fake in tests)."""
+
+    def sample(self) -> GpuSample: ...
+
+
+class NvmlSampler:
+    """``GpuSample``s of one device through NVML."""
+
+    def __init__(self, device_index: int) -> None:
+        pynvml.nvmlInit()
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+
+    def sample(self) -> GpuSample:
+        """Read memory, power, the energy counter and the SM clock now."""
+        memory = pynvml.nvmlDeviceGetMemoryInfo(self._handle)
+        return GpuSample(
+            memory_used_bytes=int(memory.used),
+            power_w=pynvml.nvmlDeviceGetPowerUsage(self._handle) / 1000.0,  # NVML reports milliwatts
+            energy_mj=float(pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)),
+            sm_clock_mhz=float(pynvml.nvmlDeviceGetClockInfo(self._handle, pynvml.NVML_CLOCK_SM)),
+        )
+
+
+def interval_metrics(
+    previous: GpuSample | None, current: GpuSample, *, tokens: int, world_size: int
+) -> dict[str, float]:
+    """Metrics of one logging interval, from the samples at its start and end (pure).
+
+    ``tokens`` are the tokens the whole job trained on in the interval. Energy per token is
+    ``(current.energy_mj - previous.energy_mj) / 1000 / (tokens / world_size)`` joules; it is left out
+    for the first interval (no ``previous``) and when ``tokens`` is not positive.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size} must be >= 1")
+    metrics = {
+        "gpu/memory_used_gib": current.memory_used_bytes / 2**30,
+        "gpu/power_w": current.power_w,
+        "gpu/sm_clock_mhz": current.sm_clock_mhz,
+    }
+    if previous is not None and tokens > 0:
+        energy_j = (current.energy_mj - previous.energy_mj) / 1000.0
+        metrics["gpu/energy_per_token_j"] = energy_j / (tokens / world_size)
+    return metrics
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """The console line, in Megatron's ``name: value |`` style."""
+    parts = [
+        f" gpu memory used (GiB): {metrics['gpu/memory_used_gib']:.2f} |",
+        f" gpu power (W): {metrics['gpu/power_w']:.1f} |",
+    ]
+    if "gpu/energy_per_token_j" in metrics:
+        parts.append(f" energy per token (mJ/token): {metrics['gpu/energy_per_token_j'] * 1000.0:.3f} |")
+    parts.append(f" sm clock (MHz): {metrics['gpu/sm_clock_mhz']:.0f} |")
+    return "".join(parts)
+
+
+class TelemetryLogger:
+    """Samples at each logging interval and reports the interval's metrics."""
+
+    def __init__(self, sampler: Sampler, *, world_size: int) -> None:
+        self.sampler = sampler
+        self.world_size = world_size
+        self._previous: GpuSample | None = None
+        self._consumed_samples: int | None = None
+
+    def log(
+        self,
+        iteration: int,
+        *,
+        consumed_samples: int,
+        seq_length: int,
+        print_fn: Callable[[str], None] = print,
+        writer: Any = None,
+    ) -> dict[str, float]:
+        """Sample, print one line and write TensorBoard scalars; returns the metrics.
+
+        ``consumed_samples`` is Megatron's running sample count, so batch-size ramp-up is counted.
+        """
+        current = self.sampler.sample()
+        tokens = 0
+        if self._consumed_samples is not None:
+            tokens = (consumed_samples - self._consumed_samples) * seq_length
+        metrics = interval_metrics(self._previous, current, tokens=tokens, world_size=self.world_size)
+        self._previous, self._consumed_samples = current, consumed_samples
+        print_fn(f" gpu telemetry at iteration {iteration:8d} |" + format_metrics(metrics))
+        if writer is not None:
+            for name, value in metrics.items():
+                writer.add_scalar(name, value, iteration)
+        return metrics
+
+
+def _notice(message: str) -> None:
+    # Once per process, and only on rank 0 (RANK is set by torchrun before any process group).
+    if _STATE["noticed"]:
+        return
+    _STATE["noticed"] = True
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{NOTICE_PREFIX} {message}", flush=True)
+
+
+def install_telemetry(sampler: Sampler | None = None) -> bool:
+    """Log GPU telemetry after Megatron's training log line. Idempotent; True if installed.
+
+    Without ``sampler`` it uses NVML on this rank's GPU (``LOCAL_RANK``); when NVML or a GPU is
+    missing it prints one notice and does nothing else.
+    """
+    if _STATE["installed"]:
+        return True
+    if sampler is None:
+        if not HAVE_NVML:
+            _notice("nvidia-ml-py (pynvml) is not installed; GPU telemetry is off (pip install nvidia-ml-py)")
+            return False
+        try:
+            sampler = NvmlSampler(int(os.environ.get("LOCAL_RANK", "0")))
+        except Exception as err:  # pynvml.NVMLError: no driver or no such device
+            _notice(f"NVML is unavailable ({err}); GPU telemetry is off")
+            return False
+    import megatron.training.training as training
+
+    original = training.training_log
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    logger = TelemetryLogger(sampler, world_size=world_size)
+
+    @functools.wraps(original)
+    def training_log_with_telemetry(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        from megatron.training import get_args, get_tensorboard_writer
+        from megatron.training.utils import is_last_rank
+
+        margs = get_args()
+        iteration = kwargs["iteration"] if "iteration" in kwargs else args[3]
+        if margs.log_interval and iteration % margs.log_interval == 0 and is_last_rank():
+            logger.log(
+                iteration,
+                consumed_samples=int(margs.consumed_train_samples),
+                seq_length=int(margs.seq_length),
+                print_fn=lambda line: print(line, flush=True),
+                writer=get_tensorboard_writer(),
+            )
+        return result
+
+    training.training_log = training_log_with_telemetry
+    _STATE["installed"] = True
+    return True

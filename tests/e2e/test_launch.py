@@ -1,0 +1,135 @@
+"""`megatron-moe-ext launch SCRIPT`: an unmodified pretrain script with our flags, config and specs.
+
+CI cannot download Megatron-LM, so the script here is a stand-in with pretrain_gpt.py's
+``__main__`` structure (parse_and_validate_args -> gpt_config_from_args -> pretrain) on the wheel's
+``megatron.training`` APIs; the real core_v0.19.0 pretrain_gpt.py was verified by hand
+(patches/VERIFIED.md). Runs: TP=2+SP, and EP=2 with the product-key router, on 2 gloo ranks.
+(Stop-and-resume through ``launch`` is not tested yet: a first try did not reproduce iteration 5
+after a resume at 3, while ``train`` does, bit for bit; see the issue notes.)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# pretrain_gpt.py's __main__ at core_v0.19.0, minus ModelOpt/in-process restart, with our wheel-side
+# forward step and dataset provider (Megatron-LM's own live in the script we cannot ship).
+STAND_IN = '''
+from megatron.core.enums import ModelType
+from megatron.training import pretrain
+from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
+from megatron.training.arguments import parse_and_validate_args
+
+from megatron_moe_ext.training.gpt_step import forward_step, train_valid_test_datasets_provider
+
+if __name__ == "__main__":
+    setattr(train_valid_test_datasets_provider, "is_distributed", True)
+    args = parse_and_validate_args(args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
+    model_cfg = gpt_config_from_args(args)
+    pretrain(
+        pretrain_cfg_container_from_args(args, model_cfg),
+        train_valid_test_datasets_provider,
+        ModelType.encoder_or_decoder,
+        forward_step,
+    )
+'''
+
+SHORT = ["--train-iters", "5", "--lr-warmup-iters", "1", "--eval-interval", "100", "--eval-iters", "1"]
+TP2 = ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "1", "--expert-tensor-parallel-size", "1",
+       "--sequence-parallel"]
+EP2_PRODUCT_KEY = ["--num-experts", "64", "--moe-router-type", "product_key", "--moe-pk-key-dim", "32"]
+LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*? lm loss: (\S+) \|")
+
+
+def launch(tmp: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MEGATRON_MOE_EXT_CACHE=str(tmp / "cache"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_moe_ext", "launch", *args],
+        cwd=tmp, env=env, capture_output=True, text=True, timeout=600,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def lm_losses(stdout: str) -> dict[int, str]:
+    """Megatron's printed per-iteration lm loss (6 significant digits), by iteration."""
+    return {int(it): loss for it, loss in LOSS_LINE.findall(stdout)}
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("launch")
+    (path / "pretrain_gpt.py").write_text(STAND_IN)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp) -> dict[str, subprocess.CompletedProcess]:
+    return {
+        "tp2": launch(tmp, "pretrain_gpt.py", *SHORT, *TP2, "--save", "tp2"),
+        "ep2": launch(tmp, "pretrain_gpt.py", *SHORT, *EP2_PRODUCT_KEY, "--save", "A", "--save-interval", "100"),
+    }
+
+
+def test_tp2_runs_five_iterations_with_our_layers(runs) -> None:
+    out = runs["tp2"].stdout
+    assert "experts=FineGrainedExperts" in out, "our experts were not built"
+    assert sorted(lm_losses(out)) == [1, 2, 3, 4, 5], out[-3000:]
+    assert "t 1/2" in out, "not a TP=2 checkpoint"
+
+
+def test_ep2_runs_five_iterations_with_product_key_router(runs) -> None:
+    out = runs["ep2"].stdout
+    assert "router=ProductKeyRouter experts=FineGrainedExperts" in out, out[-3000:]
+    assert "64 experts x 256, top-2" in out, "accounting report missing"
+    assert sorted(lm_losses(out)) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "the following arguments are required: script"),
+        (["missing.py"], "script 'missing.py' is not a file"),
+        (
+            ["pretrain_gpt.py", "--moe-granularity", "8", "--moe-expansion-rate", "4", "--num-experts", "8"],
+            "contradict --num-experts 8 (G implies 32)",
+        ),
+        (["pretrain_gpt.py", "--tensor-model-parallel-size", "4"], "world size 2 is not divisible by TP*PP*CP"),
+        (["pretrain_gpt.py", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_bad_input_is_a_usage_error_before_any_rank_starts(tmp, args, message) -> None:
+    proc = launch(tmp, *args, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "usage:" in proc.stderr and message in proc.stderr, proc.stderr[-3000:]
+    assert "torch.distributed.run" not in proc.stderr and "[rank" not in proc.stderr
+
+
+def test_dry_run_prints_the_rank_command(tmp) -> None:
+    proc = launch(tmp, "pretrain_gpt.py", "--dry-run")
+    assert "-m megatron_moe_ext.launch" in proc.stdout and str(tmp / "pretrain_gpt.py") in proc.stdout
+
+
+def test_patch_targets_the_functions_launch_provides() -> None:
+    """The shipped patch (verified by hand on core_v0.19.0) calls only what launch.py defines."""
+    from megatron_moe_ext import launch as moe_ext
+
+    patches = sorted((ROOT / "patches").glob("*.patch"))
+    assert patches, "no patch shipped"
+    text = "".join(p.read_text() for p in patches)
+    assert text.startswith("--- a/pretrain_gpt.py\n+++ b/pretrain_gpt.py\n")
+    used = set(re.findall(r"^\+.*moe_ext\.(\w+)\(", text, flags=re.M))
+    assert used == {"setup_rank", "parse_and_validate_args", "gpt_config_from_args"}, used
+    assert all(callable(getattr(moe_ext, name)) for name in used)
+    readme = (ROOT / "patches" / "README.md").read_text()
+    assert all(p.name in readme for p in patches) and "core_v0.19.0" in readme
