@@ -53,7 +53,18 @@ def apply_ext_args(args: argparse.Namespace) -> argparse.Namespace:
     _check_router_args(args)
     _check_balance_args(args)
     _check_peer_args(args)
+    _default_expert_tensor_parallel(args)
     return args
+
+
+def _default_expert_tensor_parallel(args: argparse.Namespace) -> None:
+    """Our experts are not split over TP (too small to be worth it; FineGrainedExperts refuses
+    expert-TP > 1). Megatron defaults --expert-tensor-parallel-size to the TP size, which would make
+    a plain `--tensor-model-parallel-size 2` run fail after the ranks start: unless the user set
+    it, it is 1 with our experts."""
+    ours = getattr(args, "num_experts", None) and getattr(args, "moe_expert_backend", "megatron") != "megatron"
+    if ours and getattr(args, "expert_tensor_parallel_size", 1) is None:
+        args.expert_tensor_parallel_size = 1
 
 
 def _check_peer_args(args: argparse.Namespace) -> None:

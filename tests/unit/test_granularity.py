@@ -157,3 +157,17 @@ def test_explicit_megatron_flags_still_work_without_granularity() -> None:
         validate=False,
     )
     assert (args.num_experts, args.moe_ffn_hidden_size, args.moe_router_topk) == (6, 32, 2)
+
+
+def test_our_experts_default_to_expert_tensor_parallel_size_1() -> None:
+    from megatron_moe_ext.args import parse_megatron_args
+
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--num-experts", "4",
+            "--seq-length", "16", "--max-position-embeddings", "16", "--tensor-model-parallel-size", "2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert parse_megatron_args(base, validate=False).expert_tensor_parallel_size == 1
+        megatron = parse_megatron_args([*base, "--moe-expert-backend", "megatron"], validate=False)
+        assert megatron.expert_tensor_parallel_size is None  # Megatron's own default (= TP) applies
+        explicit = parse_megatron_args([*base, "--expert-tensor-parallel-size", "2"], validate=False)
+        assert explicit.expert_tensor_parallel_size == 2
