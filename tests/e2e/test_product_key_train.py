@@ -8,7 +8,7 @@ from pathlib import Path
 
 from test_train import losses, train
 
-ITERS = 100
+ITERS = 60
 COMMON = [
     "--num-experts", "16", "--moe-pk-key-dim", "16", "--train-iters", str(ITERS), "--lr-warmup-iters", "5",
     "--eval-interval", "1000", "--save-interval", "1000", "--seed", "1234",
