@@ -35,10 +35,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from megatron_moe_ext.peer_settings import PEER_BACKENDS
+
 Tensor = torch.Tensor
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
-BACKENDS = ("auto", "eager", "chunked", "embedding_bag", "cpu_fused", "triton")
+BACKENDS = PEER_BACKENDS  # one list for the kernels and the --moe-peer-backend choices
 DEFAULT_CHUNK_PAIRS = 16384
 
 

@@ -84,18 +84,18 @@ def _validate(q_THD: Tensor, rows: Tensor, cols: Tensor, k: int, subkey_topk: in
     return min(kp, n1), min(kp, n2)
 
 
-def _half_scores(q_THD2: Tensor, keys: Tensor) -> Tensor:
-    """q_half . key for every sub-key: [T, H, n]; keys [H, n, D2] (per head) or [n, D2] (shared)."""
-    if keys.dim() == 2:
-        return q_THD2 @ keys.t()
-    return torch.bmm(q_THD2.transpose(0, 1), keys.transpose(1, 2)).transpose(0, 1)  # [H,T,D2] @ [H,D2,n]
-
-
 def _half_scores_HTn(q_THD2: Tensor, keys: Tensor) -> Tensor:
-    """As ``_half_scores``, but per-head scores in bmm's own [H, T, n] layout ([T, H, n] when shared)."""
+    """q_half . key for every sub-key; keys [H, n, D2] (per head: scores in bmm's own [H, T, n]
+    layout) or [n, D2] (shared: [T, H, n])."""
     if keys.dim() == 2:
         return q_THD2 @ keys.t()
-    return torch.bmm(q_THD2.transpose(0, 1), keys.transpose(1, 2))
+    return torch.bmm(q_THD2.transpose(0, 1), keys.transpose(1, 2))  # [H,T,D2] @ [H,D2,n]
+
+
+def _half_scores(q_THD2: Tensor, keys: Tensor) -> Tensor:
+    """q_half . key for every sub-key: [T, H, n] (a view of ``_half_scores_HTn`` per head)."""
+    scores = _half_scores_HTn(q_THD2, keys)
+    return scores if keys.dim() == 2 else scores.transpose(0, 1)
 
 
 def product_key_half_scores(queries_THD: Tensor, subkeys: SubKeys) -> tuple[Tensor, Tensor]:
