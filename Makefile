@@ -1,4 +1,5 @@
-# make demo : create .venv if missing, then train the embedded tiny MoE GPT on CPU
+# make demo : create .venv if missing, then train the embedded tiny GPT on CPU with fine-grained experts,
+#             the product-key router, a PEER layer and balancing, and analyse its routing (examples/cpu_quickstart.sh)
 # make test : create .venv if missing, then run the test suite
 VENV ?= .venv
 # python3.12 from PATH, else pyenv's 3.12 install (pyenv shims refuse versions not selected).
@@ -18,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/megatron-moe-ext train
+	MEGATRON_MOE_EXT=$(VENV)/bin/megatron-moe-ext bash examples/cpu_quickstart.sh
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -6,14 +6,19 @@
 # --moe-base-topk dense-sized experts (2 here; Megatron wants --moe-router-pre-softmax for top-1)
 # while the number of experts grows to E x G:
 #   G=1: 4 experts x 256, top-2;  G=4: 16 x 64, top-8;  G=16: 64 x 16, top-32.
-# Compare the lm loss columns of the three logs (or `megatron-moe-ext flops` for the cost of each).
+# A dense model of equal compute (one FFN of base-top-k x 256 = 512, every layer dense) is trained next
+# to them, and `megatron-moe-ext compare` then runs all four on the same tokens (four standard-library
+# packages, one label each) and writes $OUT/compare/report.md: load balance, path diversity,
+# specialisation by package, and the linear CKA of every pair of models' hidden states layer by layer.
+# Compare the lm loss columns of the logs too (or `megatron-moe-ext flops` for the cost of each).
 #
 #   bash examples/granularity_sweep.sh          # 300 iterations each
-#   TINY=1 bash examples/granularity_sweep.sh   # 3 iterations each (tests/e2e/test_examples.py)
+#   TINY=1 bash examples/granularity_sweep.sh   # 3 iterations each, a small comparison (tests/e2e/test_analysis.py)
 set -euo pipefail
 CMD=${MEGATRON_MOE_EXT:-megatron-moe-ext}
 ITERS=300
-[[ "${TINY:-0}" == 1 ]] && ITERS=3
+TOKENS=32768
+[[ "${TINY:-0}" == 1 ]] && ITERS=3 && TOKENS=2048
 OUT=${OUT:-runs/granularity_sweep}
 mkdir -p "$OUT"
 for G in 1 4 16; do
@@ -22,3 +27,12 @@ for G in 1 4 16; do
       --train-iters "$ITERS" --lr-warmup-iters 1 --eval-interval 100 --eval-iters 1 \
       --save-interval "$ITERS" --save "$OUT/G$G" "$@" 2>&1 | tee "$OUT/G$G.log"
 done
+echo "=== dense, equal compute (FFN 512 = 2 x 256) ==="
+$CMD train --moe-layer-freq "([0]*2)" --ffn-hidden-size 512 \
+    --train-iters "$ITERS" --lr-warmup-iters 1 --eval-interval 100 --eval-iters 1 \
+    --save-interval "$ITERS" --save "$OUT/dense" "$@" 2>&1 | tee "$OUT/dense.log"
+echo "=== comparison ==="
+REPORT="$OUT/compare"
+[[ -e "$REPORT" ]] && REPORT="$OUT/compare-$(date +%Y%m%d-%H%M%S)"  # a report is never overwritten
+$CMD compare --checkpoint "$OUT/G1" --checkpoint "$OUT/G4" --checkpoint "$OUT/G16" --checkpoint "$OUT/dense" \
+    --name G1 --name G4 --name G16 --name dense --max-tokens "$TOKENS" --out "$REPORT"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 
 def _train(argv: Sequence[str]) -> int:
@@ -24,11 +24,25 @@ def _flops(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _analyze(argv: Sequence[str]) -> int:
+    from megatron_moe_ext.analysis.cli import analyze_main
+
+    return analyze_main(argv)
+
+
+def _compare(argv: Sequence[str]) -> int:
+    from megatron_moe_ext.analysis.cli import compare_main
+
+    return compare_main(argv)
+
+
 # Sub-command -> (handler, one-line help). Handlers parse their own arguments: `train` passes
 # every Megatron flag through unchanged, which a parent argparse parser would fight.
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "train": (_train, "pretrain with megatron.training.pretrain (embedded tiny MoE demo without data flags)"),
     "launch": (_launch, "run an unmodified Megatron-LM pretrain_gpt.py with our flags, config and specs (no patch)"),
+    "analyze": (_analyze, "routing analysis of a checkpoint on your data: trace, statistics, plots, report"),
+    "compare": (_compare, "two or more checkpoints side by side on the same tokens (routing, CKA of hidden states)"),
     "flops": (_flops, "parameters and FLOPs per token (total/active, router term) for Megatron model flags [--json]"),
 }
 

@@ -96,6 +96,9 @@ class PEERLayer(MegatronModule):
         shared_mlp=None,
     ) -> None:
         super().__init__(config=config)
+        # Called as observer(layer, x_Th, ids_TK, gates_TK) after retrieval when set; a forward hook cannot see
+        # the selections (the layer returns only its output), and analysis must not recompute them.
+        self.routing_observer = None
         self.layout = peer_layout(
             _cfg(config, "moe_peer_num_experts", None) or 0,
             heads=_cfg(config, "moe_peer_heads", 8),
@@ -250,6 +253,8 @@ class PEERLayer(MegatronModule):
         x_Th = hidden_states.reshape(S * B, h)
         valid_T = self._valid_tokens(padding_mask, S, B)
         ids_TK, gates_TK = self.retrieve(x_Th, valid_T)
+        if self.routing_observer is not None:  # routing analysis (analysis/routing_recorder.py)
+            self.routing_observer(self, x_Th, ids_TK, gates_TK)
         if self.shard.shards == 1:
             offsets_T1 = uniform_offsets(x_Th.shape[0], ids_TK.shape[1], x_Th.device)
             out_Th = self._experts(x_Th, ids_TK.reshape(-1), gates_TK.reshape(-1), offsets_T1)

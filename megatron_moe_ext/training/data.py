@@ -95,6 +95,15 @@ def stdlib_corpus_files(max_bytes: int) -> list[pathlib.Path]:
     return chosen
 
 
+def stdlib_package_files(package: str) -> list[pathlib.Path]:
+    """The .py sources of one stdlib package (e.g. 'json'), tests excluded, in relative-path order."""
+    root, sources = _stdlib_sources()
+    chosen = [root / rel for rel, _ in sources if rel.startswith(package + "/") or rel == package + ".py"]
+    if not chosen:
+        raise ValueError(f"the standard library under {root} has no package {package!r}; pass data paths instead")
+    return chosen
+
+
 def write_indexed_dataset(documents: Iterable[numpy.ndarray], prefix: str | os.PathLike) -> str:
     """Write documents (one uint16 array each, EOD included by the caller) to prefix.bin/.idx.
 

@@ -1,14 +1,19 @@
 """The shipped examples that can run on CPU, at their tiny size (``TINY=1``); the GPU ones are
-syntax-checked only (they need GPUs, NCCL, SLURM: their headers say so)."""
+syntax-checked only (they need GPUs, NCCL, SLURM: their headers say so). The granularity sweep runs
+in test_analysis.py, whose comparison report it produces."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from megatron_moe_ext.analysis import TraceReader
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -24,16 +29,35 @@ def run_example(tmp: Path, name: str) -> subprocess.CompletedProcess:
 
 
 def test_cpu_quickstart(tmp_path) -> None:
+    """The README demo: fine-grained experts with the product-key router, a PEER layer, balancing; then the
+    routing analysis of the checkpoint it saved, at EP=2 (2 ranks, PEER tables sharded); traced again at EP=1
+    (1 rank), the trace is the same."""
     out = run_example(tmp_path, "cpu_quickstart.sh").stdout
     assert "iteration        5/       5" in out and "lm loss:" in out
+    for logged in ("global_expert_balance_loss", "subkey_balance_loss", "max_violation"):
+        assert logged in out, f"{logged} missing from the demo's log"
     assert (tmp_path / "tiny" / "quickstart" / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
-
-
-def test_granularity_sweep_is_compute_matched(tmp_path) -> None:
-    out = run_example(tmp_path, "granularity_sweep.sh").stdout
-    for report in ("4 experts x 256, top-2", "16 experts x 64, top-8", "64 experts x 16, top-32"):
-        assert report in out, f"{report!r} missing from the sweep's accounting reports"
-    assert out.count("iteration        3/       3") == 3
+    summary = json.loads((tmp_path / "tiny" / "quickstart-analysis" / "summary.json").read_text())
+    layers = summary["models"]["quickstart"]["layers"]
+    assert [(la["num_experts"], la["top_k"], la["num_heads"]) for la in layers] == [(16, 4, 1), (256, 32, 4)]
+    assert (tmp_path / "tiny" / "quickstart-analysis" / "report.md").stat().st_size > 1000
+    env = dict(os.environ, MEGATRON_MOE_EXT_CACHE=str(tmp_path / "cache"))
+    subprocess.run([sys.executable, "-m", "megatron_moe_ext", "analyze", "--checkpoint", "tiny/quickstart",
+                    "--max-tokens", "1024", "--hidden", "--out", "ep1"], cwd=tmp_path, env=env, check=True,
+                   capture_output=True)
+    a = TraceReader(tmp_path / "tiny" / "quickstart-analysis" / "traces" / "quickstart")
+    b = TraceReader(tmp_path / "ep1" / "traces" / "quickstart")
+    assert a.manifest["metadata"]["layer_kinds"] == {"1": "moe", "2": "peer"}
+    assert a.manifest["metadata"]["expert_parallel"] == 2 and b.manifest["metadata"]["expert_parallel"] == 1
+    ta, tb = a.load_tokens(), b.load_tokens()
+    assert np.array_equal(ta.token_ids_T, tb.token_ids_T) and ta.token_ids_T.size == 1024
+    for layer in (1, 2):
+        la, lb = a.load_layer(layer, hidden=True), b.load_layer(layer, hidden=True)
+        assert np.array_equal(la.expert_ids_TK, lb.expert_ids_TK), f"layer {layer}: expert ids differ"
+        np.testing.assert_allclose(la.gates_TK.astype(np.float32), lb.gates_TK.astype(np.float32), atol=1e-3)
+        np.testing.assert_allclose(la.hidden_TD, lb.hidden_TD, atol=1e-4)
+    peer = summary["models"]["quickstart"]["layers"][1]
+    assert peer["head_overlap"] is not None and 1.0 < peer["effective_experts"]["entropy"] <= 32.0
 
 
 def test_peer_model(tmp_path) -> None:
