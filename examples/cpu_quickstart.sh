@@ -10,7 +10,7 @@
 # It saves a torch_dist checkpoint, then `megatron-moe-ext analyze` traces its routing on four stdlib
 # packages and writes a report (load, paths, specialisation by package, CKA) next to it.
 #
-#   bash examples/cpu_quickstart.sh          # 300 iterations, checkpoint in runs/demo/checkpoints (~2 min)
+#   bash examples/cpu_quickstart.sh          # 300 iterations, checkpoint in runs/demo/checkpoints (~2.5 min)
 #   TINY=1 bash examples/cpu_quickstart.sh   # 5 iterations (what tests/e2e/test_examples.py runs)
 #
 # MEGATRON_MOE_EXT overrides the command (default `megatron-moe-ext`; e.g. "python -m megatron_moe_ext").
@@ -34,4 +34,4 @@ if [[ "${TINY:-0}" == 1 ]]; then
   EXTRA=(--train-iters 5 --lr-warmup-iters 1 --eval-interval 100 --eval-iters 1 --save-interval 5)
 fi
 $CMD train "${FEATURES[@]}" --save "$SAVE" "${EXTRA[@]}" "$@"
-$CMD analyze --checkpoint "$SAVE" --nproc 2 --ep 2 --max-tokens "$TOKENS" --hidden --out "$REPORT"
+$CMD analyze --checkpoint "$SAVE" --name demo --nproc 2 --ep 2 --max-tokens "$TOKENS" --hidden --out "$REPORT"

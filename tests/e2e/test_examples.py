@@ -38,14 +38,14 @@ def test_cpu_quickstart(tmp_path) -> None:
         assert logged in out, f"{logged} missing from the demo's log"
     assert (tmp_path / "tiny" / "quickstart" / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
     summary = json.loads((tmp_path / "tiny" / "quickstart-analysis" / "summary.json").read_text())
-    layers = summary["models"]["quickstart"]["layers"]
+    layers = summary["models"]["demo"]["layers"]
     assert [(la["num_experts"], la["top_k"], la["num_heads"]) for la in layers] == [(16, 4, 1), (256, 32, 4)]
     assert (tmp_path / "tiny" / "quickstart-analysis" / "report.md").stat().st_size > 1000
     env = dict(os.environ, MEGATRON_MOE_EXT_CACHE=str(tmp_path / "cache"))
     subprocess.run([sys.executable, "-m", "megatron_moe_ext", "analyze", "--checkpoint", "tiny/quickstart",
                     "--max-tokens", "1024", "--hidden", "--out", "ep1"], cwd=tmp_path, env=env, check=True,
                    capture_output=True)
-    a = TraceReader(tmp_path / "tiny" / "quickstart-analysis" / "traces" / "quickstart")
+    a = TraceReader(tmp_path / "tiny" / "quickstart-analysis" / "traces" / "demo")
     b = TraceReader(tmp_path / "ep1" / "traces" / "quickstart")
     assert a.manifest["metadata"]["layer_kinds"] == {"1": "moe", "2": "peer"}
     assert a.manifest["metadata"]["expert_parallel"] == 2 and b.manifest["metadata"]["expert_parallel"] == 1
@@ -56,7 +56,7 @@ def test_cpu_quickstart(tmp_path) -> None:
         assert np.array_equal(la.expert_ids_TK, lb.expert_ids_TK), f"layer {layer}: expert ids differ"
         np.testing.assert_allclose(la.gates_TK.astype(np.float32), lb.gates_TK.astype(np.float32), atol=1e-3)
         np.testing.assert_allclose(la.hidden_TD, lb.hidden_TD, atol=1e-4)
-    peer = summary["models"]["quickstart"]["layers"][1]
+    peer = summary["models"]["demo"]["layers"][1]
     assert peer["head_overlap"] is not None and 1.0 < peer["effective_experts"]["entropy"] <= 32.0
 
 
