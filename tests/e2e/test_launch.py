@@ -3,9 +3,13 @@
 CI cannot download Megatron-LM, so the script here is a stand-in with pretrain_gpt.py's
 ``__main__`` structure (parse_and_validate_args -> gpt_config_from_args -> pretrain) on the wheel's
 ``megatron.training`` APIs; the real core_v0.19.0 pretrain_gpt.py was verified by hand
-(patches/VERIFIED.md). Runs: TP=2+SP, and EP=2 with the product-key router, on 2 gloo ranks.
-(Stop-and-resume through ``launch`` is not tested yet: a first try did not reproduce iteration 5
-after a resume at 3, while ``train`` does, bit for bit; see the issue notes.)
+(patches/VERIFIED.md). Runs: TP=2+SP, and EP=2 with the product-key router, on 2 gloo ranks, then a
+resume of that run from its iteration-3 checkpoint, which reproduces iterations 4 and 5.
+
+Megatron's console loss after a (re)start: the first logged iteration of a run does not reset the
+interval's accumulator (``training_log(is_first_iteration=True)``: ``should_reset = False``), so the
+line after it prints the mean of both iterations (in a fresh run, too: "iteration 2" is the mean of 1
+and 2). The resume check reads the console with that rule.
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ def tmp(tmp_path_factory) -> Path:
 def runs(tmp) -> dict[str, subprocess.CompletedProcess]:
     return {
         "tp2": launch(tmp, "pretrain_gpt.py", *SHORT, *TP2, "--save", "tp2"),
-        "ep2": launch(tmp, "pretrain_gpt.py", *SHORT, *EP2_PRODUCT_KEY, "--save", "A", "--save-interval", "100"),
+        "ep2": launch(tmp, "pretrain_gpt.py", *SHORT, *EP2_PRODUCT_KEY, "--save", "A", "--save-interval", "3"),
     }
 
 
@@ -93,6 +97,17 @@ def test_ep2_runs_five_iterations_with_product_key_router(runs) -> None:
     assert "router=ProductKeyRouter experts=FineGrainedExperts" in out, out[-3000:]
     assert "64 experts x 256, top-2" in out, "accounting report missing"
     assert sorted(lm_losses(out)) == [1, 2, 3, 4, 5]
+
+
+def test_resume_through_launch_reproduces_the_next_iterations(tmp, runs) -> None:
+    straight = {it: float(v) for it, v in lm_losses(runs["ep2"].stdout).items()}
+    resumed = launch(tmp, "pretrain_gpt.py", *SHORT, *EP2_PRODUCT_KEY, "--load", "A", "--ckpt-step", "3").stdout
+    after = {it: float(v) for it, v in lm_losses(resumed).items()}
+    assert sorted(after) == [4, 5], resumed[-3000:]
+    assert after[4] == pytest.approx(straight[4], rel=2e-6)
+    # Iteration 5 follows the restart's first logged iteration: Megatron prints the mean of 4 and 5.
+    assert after[5] == pytest.approx((straight[4] + straight[5]) / 2, rel=2e-6)
+    assert after[5] != pytest.approx(straight[5], rel=1e-4), "the console rule above no longer holds"
 
 
 @pytest.mark.parametrize(
