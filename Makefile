@@ -21,8 +21,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	MEGATRON_MOE_EXT=$(VENV)/bin/megatron-moe-ext bash examples/cpu_quickstart.sh
 
+# Two pytest workers, one test file each at a time (module fixtures train once): the end-to-end runs
+# leave a core idle while they start, import and save, so two files in flight use both cores.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs

@@ -6,6 +6,15 @@ Importing this package changes nothing in Megatron; the CPU runtime is enabled o
 
 __version__ = "0.1.0"
 
-from megatron_moe_ext.kernels.product_keys import product_key_topk  # noqa: E402
+
+def __getattr__(name: str) -> object:  # PEP 562: a lazy attribute
+    # Lazy so that importing the package does not import torch: processes that only re-import a rank's main
+    # module (multiprocessing's spawn, e.g. torch_dist checkpointing's Manager) then start in a fraction of a second.
+    if name == "product_key_topk":
+        from megatron_moe_ext.kernels.product_keys import product_key_topk
+
+        return product_key_topk
+    raise AttributeError(f"module 'megatron_moe_ext' has no attribute {name!r}")
+
 
 __all__ = ["__version__", "product_key_topk"]

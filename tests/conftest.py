@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
+_SHARED_CACHE: list[str] = []
+
+
+def shared_cache() -> str:
+    """One megatron-moe-ext cache (built datasets, Megatron's index files, the compiled CPU kernel) for every
+    end-to-end run of the session. Entries are content-addressed and written atomically, so sharing changes no
+    result, only the time spent rebuilding them (several seconds per run on 2 cores)."""
+    if not _SHARED_CACHE:
+        _SHARED_CACHE.append(tempfile.mkdtemp(prefix="megatron-moe-ext-test-cache-"))
+    return _SHARED_CACHE[0]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import shutil
+
+    for path in _SHARED_CACHE:
+        shutil.rmtree(path, ignore_errors=True)
+
 
 def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # One core per worker: torch's default (all cores) in each of two workers would oversubscribe, and
+        # the ranks that tests start get OMP_NUM_THREADS=1 the same way.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
     config.addinivalue_line("markers", "world_size(n): runs its body on n gloo ranks via the `distributed` fixture")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped only where none is present")
 

@@ -4,8 +4,14 @@
   docstring), :class:`TraceWriter` and :class:`TraceReader`.
 * :mod:`megatron_moe_ext.analysis.statistics`: load, path diversity, layer-to-layer dependence, specialisation,
   product-key head overlap, PEER effective experts and linear CKA; pure functions plus streaming accumulators.
+* :mod:`~megatron_moe_ext.analysis.summary`, :mod:`~megatron_moe_ext.analysis.plots`,
+  :mod:`~megatron_moe_ext.analysis.report`: a trace's statistics in one streaming pass, figures, the report.
+* Capture (needs Megatron; imported only by the commands): :mod:`~megatron_moe_ext.analysis.checkpoint_model`
+  (a checkpoint's model at any TP/EP), :mod:`~megatron_moe_ext.analysis.routing_recorder` (hooks, gathering on
+  rank 0), :mod:`~megatron_moe_ext.analysis.token_windows` (data), :mod:`~megatron_moe_ext.analysis.capture`
+  (one rank) and :mod:`~megatron_moe_ext.analysis.cli` (``analyze`` / ``compare``).
 
-Nothing here needs Megatron.
+Importing this package does not import Megatron.
 """
 
 from megatron_moe_ext.analysis.statistics import (

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_cache
 from test_examples import run_example
 
 from megatron_moe_ext.analysis import TraceReader, load_stats
@@ -106,7 +107,7 @@ def test_bad_input_fails_before_any_rank_starts(sweep, tmp_path, capsys) -> None
     labels = tmp_path / "labels.txt"
     labels.write_text("0 1 " * 10)
     err = _cli(["analyze", "--checkpoint", str(out / "G4"), "--labels-file", str(labels), "--max-tokens", "1024",
-                "--cache-dir", str(sweep["tmp"] / "cache"), "--out", str(tmp_path / "r4")], capsys)
+                "--cache-dir", shared_cache(), "--out", str(tmp_path / "r4")], capsys)
     assert "has 20 labels but the analysed data has 1024 tokens" in err
     err = _cli(["compare", "--checkpoint", str(out / "G4"), "--out", str(tmp_path / "r5")], capsys)
     assert "two or more --checkpoint" in err

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import shared_cache
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -16,7 +18,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        "MEGATRON_MOE_EXT_CACHE": str(tmp_path / "cache"),
+        "MEGATRON_MOE_EXT_CACHE": shared_cache(),
     }
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_cache
 
 from megatron_moe_ext.analysis import TraceReader
 
@@ -21,7 +22,7 @@ EXAMPLES = ROOT / "examples"
 
 def run_example(tmp: Path, name: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TINY="1", MEGATRON_MOE_EXT=f"{sys.executable} -m megatron_moe_ext",
-               MEGATRON_MOE_EXT_CACHE=str(tmp / "cache"), OUT=str(tmp / "sweep"))
+               MEGATRON_MOE_EXT_CACHE=shared_cache(), OUT=str(tmp / "sweep"))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(["bash", str(EXAMPLES / name)], cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -41,7 +42,7 @@ def test_cpu_quickstart(tmp_path) -> None:
     layers = summary["models"]["demo"]["layers"]
     assert [(la["num_experts"], la["top_k"], la["num_heads"]) for la in layers] == [(16, 4, 1), (256, 32, 4)]
     assert (tmp_path / "tiny" / "quickstart-analysis" / "report.md").stat().st_size > 1000
-    env = dict(os.environ, MEGATRON_MOE_EXT_CACHE=str(tmp_path / "cache"))
+    env = dict(os.environ, MEGATRON_MOE_EXT_CACHE=shared_cache())
     subprocess.run([sys.executable, "-m", "megatron_moe_ext", "analyze", "--checkpoint", "tiny/quickstart",
                     "--max-tokens", "1024", "--hidden", "--out", "ep1"], cwd=tmp_path, env=env, check=True,
                    capture_output=True)

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import shared_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,7 +55,7 @@ LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*? lm loss: (\S+) \|")
 
 
 def launch(tmp: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, MEGATRON_MOE_EXT_CACHE=str(tmp / "cache"))
+    env = dict(os.environ, MEGATRON_MOE_EXT_CACHE=shared_cache())
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_moe_ext", "launch", *args],
@@ -129,7 +130,7 @@ def test_bad_input_is_a_usage_error_before_any_rank_starts(tmp, args, message, m
     from megatron_moe_ext import launch as launch_lib
 
     monkeypatch.chdir(tmp)
-    monkeypatch.setenv("MEGATRON_MOE_EXT_CACHE", str(tmp / "cache"))
+    monkeypatch.setenv("MEGATRON_MOE_EXT_CACHE", shared_cache())
     started = []
     monkeypatch.setattr(launch_lib.subprocess, "call", lambda *a, **k: started.append(a) or 0)
     with pytest.raises(SystemExit) as exit_info:

@@ -10,12 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import shared_cache
 
 SHORT = ["--train-iters", "6", "--lr-warmup-iters", "1", "--eval-interval", "100", "--save-interval", "3"]
 
 
 def train(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, MEGATRON_MOE_EXT_CACHE=str(tmp / "cache"))
+    env = dict(os.environ, MEGATRON_MOE_EXT_CACHE=shared_cache())
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_moe_ext", "train", *args],
         cwd=tmp, env=env, capture_output=True, text=True, timeout=600,
@@ -59,7 +60,7 @@ def test_log_has_loss_aux_losses_throughput_and_checkpoint(runs) -> None:
 
 def run_launcher(tmp: Path, *args: str) -> tuple[int, str]:
     """The launcher half only: errors must come before any rank starts."""
-    env = dict(os.environ, MEGATRON_MOE_EXT_CACHE=str(tmp / "cache"))
+    env = dict(os.environ, MEGATRON_MOE_EXT_CACHE=shared_cache())
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_moe_ext", "train", *args],
         cwd=tmp, env=env, capture_output=True, text=True, timeout=300,
