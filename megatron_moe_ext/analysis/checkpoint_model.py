@@ -15,60 +15,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 
 import torch
 
+from megatron_moe_ext.checkpoint.torch_dist import read_args, resolve_iteration  # noqa: F401 (re-exported)
 from megatron_moe_ext.peer_settings import peer_layer_numbers
-
-_TRACKER = "latest_checkpointed_iteration.txt"
-
-
-def resolve_iteration(checkpoint: str, iteration: int | None = None) -> tuple[str, int]:
-    """(iteration directory, iteration) of a Megatron checkpoint directory; ValueError naming the problem when it
-    is not a torch_dist checkpoint or the iteration is missing."""
-    if not os.path.isdir(checkpoint):
-        raise ValueError(f"--checkpoint {checkpoint!r} is not a directory; fix: pass the --save directory of a "
-                         f"training run")
-    if iteration is None:
-        tracker = os.path.join(checkpoint, _TRACKER)
-        if not os.path.isfile(tracker):
-            raise ValueError(f"--checkpoint {checkpoint!r} has no {_TRACKER}: not a Megatron checkpoint directory "
-                             f"(or no save finished); fix: pass the --save directory, or --iteration N")
-        with open(tracker) as f:
-            text = f.read().strip()
-        if not text.isdigit():
-            raise ValueError(f"{tracker} holds {text!r}, not an iteration number; fix: pass --iteration N")
-        iteration = int(text)
-    iter_dir = os.path.join(checkpoint, f"iter_{iteration:07d}")
-    if not os.path.isdir(iter_dir):
-        found = sorted(d for d in os.listdir(checkpoint) if d.startswith("iter_"))
-        raise ValueError(f"iteration {iteration} is not in {checkpoint!r} (found: {', '.join(found) or 'none'}); "
-                         f"fix: pass one of those with --iteration")
-    metadata = os.path.join(iter_dir, "metadata.json")
-    backend = None
-    if os.path.isfile(metadata):
-        try:
-            with open(metadata) as f:
-                backend = json.load(f).get("sharded_backend")
-        except (OSError, ValueError):
-            backend = None
-    if backend != "torch_dist":
-        raise ValueError(f"{iter_dir} is not a torch_dist checkpoint (metadata.json sharded_backend={backend!r}); "
-                         f"fix: train with --ckpt-format torch_dist (Megatron's default)")
-    return iter_dir, iteration
 
 
 def read_checkpoint_args(iter_dir: str) -> argparse.Namespace:
     """The training run's Megatron argument namespace, from the checkpoint's common state."""
-    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
-
-    state = load_common_state_dict(iter_dir)
-    if "args" not in state:
-        raise ValueError(f"{iter_dir} holds no training arguments (saved without megatron.training?); analysis "
-                         f"needs them to rebuild the model")
-    return state["args"]
+    return read_args(iter_dir)
 
 
 def routed_layers(args: argparse.Namespace) -> dict[int, str]:
@@ -130,12 +86,11 @@ def analysis_args(args: argparse.Namespace, *, tp: int, ep: int, world_size: int
     return a
 
 
-def load_model(iter_dir: str, args: argparse.Namespace) -> torch.nn.Module:
-    """Build the model of ``args`` (from :func:`analysis_args`) on this rank and load ``iter_dir``'s weights.
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    """Build the model of ``args`` on this rank, through the train entry's config class, GPT builder and specs.
 
     Needs torch.distributed initialised with ``args.world_size`` ranks; initialises Megatron's model-parallel
-    groups for the analysis layout."""
-    from megatron.core import dist_checkpointing
+    groups for ``args``' layout and sets Megatron's global args."""
     from megatron.core import parallel_state as ps
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -149,11 +104,12 @@ def load_model(iter_dir: str, args: argparse.Namespace) -> torch.nn.Module:
         MoEExtGPTModelConfig,
     )
 
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
-    )
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            expert_model_parallel_size=args.expert_model_parallel_size,
+            expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        )
     model_parallel_cuda_manual_seed(args.seed)
     set_args(args)  # the builder (upcycling check) and a few Megatron helpers read the global args
     config = config_from_args(args)
@@ -163,6 +119,17 @@ def load_model(iter_dir: str, args: argparse.Namespace) -> torch.nn.Module:
     model = MoEExtGPTModelBuilder(model_cfg).build_model(ProcessGroupCollection.use_mpu_process_groups())
     if torch.cuda.is_available():
         model = model.cuda()
+    return model
+
+
+def load_model(iter_dir: str, args: argparse.Namespace) -> torch.nn.Module:
+    """Build the model of ``args`` (from :func:`analysis_args`) on this rank and load ``iter_dir``'s weights.
+
+    Needs torch.distributed initialised with ``args.world_size`` ranks; initialises Megatron's model-parallel
+    groups for the analysis layout."""
+    from megatron.core import dist_checkpointing
+
+    model = build_model(args)
     # The metadata megatron.training saved the model with (its sharded keys depend on it).
     sharded = model.sharded_state_dict(metadata={"singleton_local_shards": False})
     state = dist_checkpointing.load({"model": sharded}, iter_dir)
