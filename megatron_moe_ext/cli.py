@@ -36,6 +36,18 @@ def _compare(argv: Sequence[str]) -> int:
     return compare_main(argv)
 
 
+def _export_hf(argv: Sequence[str]) -> int:
+    from megatron_moe_ext.checkpoint.hf_export import main
+
+    return main(argv)
+
+
+def _import_hf(argv: Sequence[str]) -> int:
+    from megatron_moe_ext.checkpoint.hf_import import main
+
+    return main(argv)
+
+
 # Sub-command -> (handler, one-line help). Handlers parse their own arguments: `train` passes
 # every Megatron flag through unchanged, which a parent argparse parser would fight.
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
@@ -43,6 +55,8 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "launch": (_launch, "run an unmodified Megatron-LM pretrain_gpt.py with our flags, config and specs (no patch)"),
     "analyze": (_analyze, "routing analysis of a checkpoint on your data: trace, statistics, plots, report"),
     "compare": (_compare, "two or more checkpoints side by side on the same tokens (routing, CKA of hidden states)"),
+    "export-hf": (_export_hf, "torch_dist checkpoint -> Hugging Face folder (native target if exact, else remote code)"),
+    "import-hf": (_import_hf, "Hugging Face folder (an export-hf target) -> torch_dist checkpoint train can --load"),
     "flops": (_flops, "parameters and FLOPs per token (total/active, router term) for Megatron model flags [--json]"),
 }
 

@@ -162,12 +162,8 @@ def read_model_state(iter_dir: str, num_layers: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def stored_key(name: str, stacked_keys: set[str]) -> tuple[str, int | None]:
-    """(stored key, layer index on its leading axis or None) of a canonical ``name``, given the stacked keys of
-    the target model (the inverse of :func:`canonical_items`)."""
-    match = _LAYER_KEY.match(name)
-    if match is not None:
-        stacked = f"decoder.layers.{match.group(2)}"
-        if stacked in stacked_keys:
-            return stacked, int(match.group(1))
-    return name, None
+def canonical_name(key: str, leading_offset: int) -> str:
+    """The canonical name of one stored ``key`` whose piece starts at ``leading_offset`` on the leading axis (a
+    model's sharded state dict says both): a stacked key names the layer at that offset."""
+    stacked = _STACKED_KEY.match(key)
+    return f"decoder.layers.{leading_offset}.{stacked.group(1)}" if stacked is not None else key

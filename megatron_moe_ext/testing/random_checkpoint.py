@@ -16,7 +16,6 @@ Legend: B batch, S sequence, V (padded) vocabulary.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 from collections.abc import Sequence
 
@@ -52,14 +51,6 @@ def model_flags(*overrides: str, tp: int = 1, ep: int = 1) -> list[str]:
     if tp > 1:
         flags.append("--sequence-parallel")
     return flags
-
-
-def parse_rank_args(flags: Sequence[str]) -> argparse.Namespace:
-    """The train entry's argument namespace for ``flags`` on this rank (validated; Megatron globals set)."""
-    from megatron_moe_ext.args import parse_megatron_args
-    from megatron_moe_ext.training.train import add_train_args
-
-    return parse_megatron_args(list(flags), extra_args_provider=add_train_args)
 
 
 def _seed(*parts: object) -> int:
@@ -157,6 +148,7 @@ def save_random_checkpoint(flags: Sequence[str], save_dir: str, *, iteration: in
     from megatron.training.checkpointing import save_checkpoint
 
     from megatron_moe_ext.analysis.checkpoint_model import build_model
+    from megatron_moe_ext.training.rank_entry import parse_rank_args
 
     args = parse_rank_args([*flags, "--save", save_dir, "--ckpt-format", "torch_dist"])
     model = build_model(args)

@@ -7,11 +7,20 @@ re-imports the main module.
 
 from __future__ import annotations
 
+import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 # No module-level torch/Megatron imports: torch_dist checkpointing's spawn Manager re-imports this
 # module in a child process, which then starts in a fraction of a second instead of seconds.
+
+
+def parse_rank_args(flags: Sequence[str]) -> argparse.Namespace:
+    """The train entry's argument namespace for ``flags`` on this rank (validated; Megatron globals set)."""
+    from megatron_moe_ext.args import parse_megatron_args
+    from megatron_moe_ext.training.train import add_train_args
+
+    return parse_megatron_args(list(flags), extra_args_provider=add_train_args)
 
 
 def rank_main(argv: Sequence[str]) -> None:
@@ -27,19 +36,25 @@ def rank_main(argv: Sequence[str]) -> None:
 
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
-    from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
+    from megatron.training.argument_utils import (
+        gpt_config_from_args,
+        pretrain_cfg_container_from_args,
+    )
     from megatron.training.utils import print_rank_0
 
     from megatron_moe_ext.accounting import account, format_report, shape_from_args
     from megatron_moe_ext.args import config_from_args, parse_megatron_args
     from megatron_moe_ext.balancing.metrics_logging import install_balance_logging
     from megatron_moe_ext.balancing.settings import tracked_names_for
-    from megatron_moe_ext.specs import moe_ext_gpt_block_spec
-    from megatron_moe_ext.training.gpt_step import forward_step, set_loss_log, train_valid_test_datasets_provider
-    from megatron_moe_ext.training.train import add_train_args
-
     from megatron_moe_ext.optimizer_groups import install_peer_optimizer_groups
+    from megatron_moe_ext.specs import moe_ext_gpt_block_spec
     from megatron_moe_ext.telemetry import install_telemetry
+    from megatron_moe_ext.training.gpt_step import (
+        forward_step,
+        set_loss_log,
+        train_valid_test_datasets_provider,
+    )
+    from megatron_moe_ext.training.train import add_train_args
     from megatron_moe_ext.upcycling import install_upcycling
 
     install_upcycling()  # --moe-use-upcycling with our experts (no seam in Megatron: see upcycling.py)
