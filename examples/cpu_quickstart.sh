@@ -8,7 +8,9 @@
 #   balancing: the granularity-normalised global-batch expert loss and the sub-key marginal loss, with
 #            the balance metrics (MaxVio, entropy, usage, row/column usage) in Megatron's log.
 # It saves a torch_dist checkpoint, then `megatron-moe-ext analyze` traces its routing on four stdlib
-# packages and writes a report (load, paths, specialisation by package, CKA) next to it.
+# packages and writes a report (load, paths, specialisation by package, CKA) next to it, and
+# `megatron-moe-ext export-hf` writes a Hugging Face folder (our remote-code architecture: no native
+# transformers model has product keys or PEER) that loads with trust_remote_code=True.
 #
 #   bash examples/cpu_quickstart.sh          # 300 iterations, checkpoint in runs/demo/checkpoints (~2.5 min)
 #   TINY=1 bash examples/cpu_quickstart.sh   # 5 iterations (what tests/e2e/test_examples.py runs)
@@ -24,14 +26,18 @@ FEATURES=(
   --moe-balance-losses global_expert subkey --moe-balance-metrics
 )
 SAVE=runs/demo/checkpoints
-REPORT=runs/demo/analysis-$(date +%Y%m%d-%H%M%S)
+STAMP=$(date +%Y%m%d-%H%M%S)
+REPORT=runs/demo/analysis-$STAMP
+HF=runs/demo/hf-$STAMP
 TOKENS=16384
 EXTRA=()
 if [[ "${TINY:-0}" == 1 ]]; then
   SAVE=tiny/quickstart
   REPORT=tiny/quickstart-analysis
+  HF=tiny/quickstart-hf
   TOKENS=1024
   EXTRA=(--train-iters 5 --lr-warmup-iters 1 --eval-interval 100 --eval-iters 1 --save-interval 5)
 fi
 $CMD train "${FEATURES[@]}" --save "$SAVE" "${EXTRA[@]}" "$@"
 $CMD analyze --checkpoint "$SAVE" --name demo --nproc 2 --ep 2 --max-tokens "$TOKENS" --hidden --out "$REPORT"
+$CMD export-hf --checkpoint "$SAVE" --out "$HF"

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import shared_cache
 
 from megatron_moe_ext.analysis import TraceReader
+from megatron_moe_ext.testing.distributed import run_distributed
+from megatron_moe_ext.testing.hf_check import checkpoint_logits, hf_outputs
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -59,6 +62,14 @@ def test_cpu_quickstart(tmp_path) -> None:
         np.testing.assert_allclose(la.hidden_TD, lb.hidden_TD, atol=1e-4)
     peer = summary["models"]["demo"]["layers"][1]
     assert peer["head_overlap"] is not None and 1.0 < peer["effective_experts"]["entropy"] <= 32.0
+    # The demo's Hugging Face export reproduces the trained model's logits (our remote-code architecture).
+    hf = tmp_path / "tiny" / "quickstart-hf"
+    assert json.loads((hf / "config.json").read_text())["model_type"] == "megatron_moe_ext"
+    tokens_BS = torch.from_numpy(ta.token_ids_T[:64].astype(np.int64)).reshape(2, 32)
+    reference = run_distributed(checkpoint_logits, 1, str(tmp_path / "tiny" / "quickstart"), tokens_BS)[0]
+    exported = hf_outputs(str(hf), tokens_BS)
+    assert exported["class"] == "MegatronMoEExtForCausalLM"
+    assert (exported["logits"] - reference).abs().max().item() <= 1e-4
 
 
 def test_peer_model(tmp_path) -> None:

@@ -11,9 +11,18 @@ import pytest
 import torch
 
 from megatron_moe_ext.checkpoint import hf_tokenizer
-from megatron_moe_ext.checkpoint.hf_export import INDEX_FILE, export_hf, parse_size, write_safetensors
+from megatron_moe_ext.checkpoint.hf_export import (
+    INDEX_FILE,
+    export_hf,
+    parse_size,
+    write_safetensors,
+)
 from megatron_moe_ext.checkpoint.hf_import import read_hf_tensors, vocab_flags
-from megatron_moe_ext.checkpoint.torch_dist import canonical_items, canonical_name, resolve_iteration
+from megatron_moe_ext.checkpoint.torch_dist import (
+    canonical_items,
+    canonical_name,
+    resolve_iteration,
+)
 from megatron_moe_ext.training.data import EOD_ID, VOCAB_SIZE, encode_bytes
 
 

@@ -1,0 +1,63 @@
+"""Both sides of an export check: Megatron's logits from a saved checkpoint, and transformers' logits and greedy
+tokens from an exported folder, loaded the way a user loads it (fresh process, offline, empty HF_HOME, the
+repository not importable, ``trust_remote_code=True`` for our architecture).
+
+Legend: B batch, S sequence, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+_HF_SCRIPT = r"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+folder, io_file, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+data = torch.load(io_file)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True)
+model.eval()
+with torch.no_grad():
+    logits = model(data["tokens"]).logits.float()
+    greedy = None
+    if steps:
+        greedy = model.generate(data["tokens"], max_new_tokens=steps, do_sample=False, min_new_tokens=steps,
+                                attention_mask=torch.ones_like(data["tokens"]), pad_token_id=0)
+torch.save({"logits": logits, "greedy": greedy, "class": type(model).__name__}, io_file)
+"""
+
+
+def hf_outputs(folder: str, tokens_BS: torch.Tensor, greedy_steps: int = 0, *, timeout_s: float = 600) -> dict:
+    """``{"logits": [B, S, V], "greedy": [B, S + steps] or None, "class": str}`` from a fresh Python process
+    (``HF_HUB_OFFLINE=1``, temporary ``HF_HOME``, cwd outside the repository, no ``PYTHONPATH``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        io_file = os.path.join(tmp, "io.pt")
+        torch.save({"tokens": tokens_BS}, io_file)
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_HOME", "HF_MODULES_CACHE")}
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=os.path.join(tmp, "hf_home"))
+        proc = subprocess.run([sys.executable, "-c", _HF_SCRIPT, os.path.abspath(folder), io_file, str(greedy_steps)],
+                              cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout_s)
+        if proc.returncode != 0:
+            raise AssertionError(f"loading {folder} with transformers failed:\n{proc.stderr[-4000:]}")
+        return torch.load(io_file)
+
+
+def checkpoint_logits(checkpoint: str, tokens_BS: torch.Tensor, *, tp: int = 1, ep: int = 1) -> torch.Tensor | None:
+    """Rank function: Megatron's logits [B, S, V] of a saved checkpoint (latest iteration) at TP ``tp`` / EP ``ep``
+    (rank 0; None elsewhere)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_moe_ext.analysis.checkpoint_model import analysis_args, load_model
+    from megatron_moe_ext.checkpoint.torch_dist import read_args, resolve_iteration
+    from megatron_moe_ext.testing.random_checkpoint import megatron_logits
+
+    iter_dir, _ = resolve_iteration(checkpoint)
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    args = analysis_args(read_args(iter_dir), tp=tp, ep=ep, world_size=world, rank=rank, micro_batch_size=1)
+    logits_BSV = megatron_logits(load_model(iter_dir, args), tokens_BS)
+    ps.destroy_model_parallel()
+    return logits_BSV if rank == 0 else None
