@@ -174,7 +174,7 @@ def import_hf(folder: str, out: str, *, tp: int = 1, log=print) -> str:
     if "--max-position-embeddings" not in user_flags:
         user_flags += ["--max-position-embeddings", seq]
     rank_flags = [*CPU_ARGS, "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1",
-                  "--lr", "1e-4", "--ckpt-format", "torch_dist", "--hidden-dropout", "0", "--attention-dropout",
+                  "--lr", "1e-4", "--ckpt-format", "torch_dist", "--save-interval", "1", "--hidden-dropout", "0", "--attention-dropout",
                   "0", *user_flags]
 
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
