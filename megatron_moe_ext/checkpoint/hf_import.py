@@ -90,6 +90,17 @@ def vocab_flags(folder: str, config: dict, vocab_rows: int, tp: int) -> list[str
     return [*flags, "--make-vocab-size-divisible-by", str(vocab_rows // tp)]
 
 
+_PEER_TABLE = re.compile(r"\.mlp\.(u|v)$")
+
+
+def _fit_table_rows(table_ND: torch.Tensor, rows: int) -> torch.Tensor:
+    """A PEER table saved under another shard count: its rows past N are padding (ceil(N / shards) * shards rows,
+    never selected), so they are cut or zero-filled to the rows this layout has."""
+    if table_ND.shape[0] >= rows:
+        return table_ND[:rows]
+    return torch.cat([table_ND, table_ND.new_zeros(rows - table_ND.shape[0], table_ND.shape[1])])
+
+
 def _fill_rank(flags: list[str], state_file: str, save_dir: str) -> list[str]:
     """One CPU rank: build the model of ``flags``, copy the canonical state in, save at iteration 0."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -120,6 +131,8 @@ def _fill_rank(flags: list[str], state_file: str, save_dir: str) -> list[str]:
                 problems.append(f"missing {name}")
                 continue
             value = canonical[name]
+            if _PEER_TABLE.search(name) and value.dim() == 2 and value.shape[1:] == tuple(global_shape[1:]):
+                value = _fit_table_rows(value, global_shape[0])
             if tuple(value.shape) != tuple(global_shape):
                 problems.append(f"{name}: HF gives {tuple(value.shape)}, the model has {tuple(global_shape)}")
                 continue

@@ -8,8 +8,9 @@ has exactly K = heads * k pairs per token (``offsets = arange(T+1) * K``); a ran
 of the tables gets only the pairs of its own experts, so runs are ragged.
 
 Backends (selected by name; all equal the reference, forward and backward):
-- ``eager``: the reference. Gathers u and v rows for every pair under autograd, so it keeps
-  [P, h] tensors alive from forward to backward (P = T*K): the naive path of public code.
+- ``eager``: the reference (``kernels/peer_reference.py``: pure torch, also shipped with Hugging Face
+  exports). Gathers u and v rows for every pair under autograd, so it keeps [P, h] tensors alive
+  from forward to backward (P = T*K): the naive path of public code.
 - ``chunked``: one autograd function over chunks of pairs, saving only the inputs and
   recomputing each chunk's gathers in backward: extra memory O(chunk * h), independent of T.
 - ``embedding_bag``: the v side through ``F.embedding_bag(per_sample_weights=...)`` (no [P, h] on
@@ -30,16 +31,22 @@ Kernels see tensors, never a config.
 from __future__ import annotations
 
 import bisect
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from megatron_moe_ext.kernels.peer_reference import (  # noqa: F401  (re-exported: the public names of this module)
+    ACTIVATIONS,
+    _compute_dtype,
+    pair_tokens,
+    peer_experts_reference,
+    peer_gates,
+    uniform_offsets,
+)
 from megatron_moe_ext.peer_settings import PEER_BACKENDS
 
 Tensor = torch.Tensor
 
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 BACKENDS = PEER_BACKENDS  # one list for the kernels and the --moe-peer-backend choices
 DEFAULT_CHUNK_PAIRS = 16384
 
@@ -58,22 +65,6 @@ def activation_grad(name: str, s: Tensor) -> Tensor:
     raise ValueError(f"activation {name!r} is unknown; choose from {', '.join(ACTIVATIONS)}")
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """Activations and gates in fp32 at least (fp64 stays fp64)."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def pair_tokens(offsets_T1: Tensor, num_pairs: int) -> Tensor:
-    """Token index of every pair, [P] int64, from the CSR offsets."""
-    counts_T = offsets_T1[1:] - offsets_T1[:-1]
-    return torch.repeat_interleave(torch.arange(counts_T.numel(), device=offsets_T1.device), counts_T, output_size=num_pairs)
-
-
-def uniform_offsets(num_tokens: int, per_token: int, device: torch.device | str) -> Tensor:
-    """CSR offsets of ``per_token`` pairs for each of ``num_tokens`` tokens."""
-    return torch.arange(num_tokens + 1, device=device, dtype=torch.int64) * per_token
-
-
 def check_inputs(x_Th: Tensor, u_Nh: Tensor, v_Nh: Tensor, ids_P: Tensor, gates_P: Tensor, offsets_T1: Tensor, activation: str) -> None:
     """Shapes and dtypes every backend relies on (ValueError naming the values)."""
     if activation not in ACTIVATIONS:
@@ -85,15 +76,6 @@ def check_inputs(x_Th: Tensor, u_Nh: Tensor, v_Nh: Tensor, ids_P: Tensor, gates_
         raise ValueError(f"ids {tuple(ids_P.shape)} and gates {tuple(gates_P.shape)} must both be [P]")
     if offsets_T1.shape != (x_Th.shape[0] + 1,):
         raise ValueError(f"offsets {tuple(offsets_T1.shape)} must be [T+1] = [{x_Th.shape[0] + 1}]")
-
-
-def peer_experts_reference(x_Th: Tensor, u_Nh: Tensor, v_Nh: Tensor, ids_P: Tensor, gates_P: Tensor, offsets_T1: Tensor, activation: str = "gelu") -> Tensor:
-    """The semantics: gather, dot, activate, scale, scatter-add, all under autograd."""
-    tok_P = pair_tokens(offsets_T1, ids_P.numel())
-    s_P = (u_Nh[ids_P] * x_Th[tok_P]).sum(-1)
-    z_P = ACTIVATIONS[activation](s_P) * gates_P
-    out_Th = x_Th.new_zeros(x_Th.shape)
-    return out_Th.index_add(0, tok_P, (z_P.unsqueeze(-1) * v_Nh[ids_P]).to(x_Th.dtype))
 
 
 def _table_grad_target(table: Tensor) -> tuple[Tensor, bool]:

@@ -5,135 +5,31 @@ q = [q1; q2] is q1 . c_row + q2 . c'_col, so the top-K over all N experts is con
 topk(q1 . C) x topk(q2 . C') (a pair outside it is beaten by >= K pairs). Cost O((n1 + n2 + k'^2) D) per token and
 head; nothing of size [T, N] is ever built. Kernels see tensors, never a config.
 
+The pure math (half scores, the exact top-k from them, the brute-force reference) lives in
+``kernels/product_key_core.py``, which the Hugging Face export also ships; this module adds the training path
+(``product_key_topk``: a sparse backward and the compiled CPU scan) and re-exports the core's names.
+
 Legend: T tokens, H heads, K top-k, k' sub-key top-k (each side keeps min(k', n side)), n1 / n2 sub-keys per
 row / column side (n for a square grid), N = n1*n2 experts, D d_key (D2 = D/2, the sub-key width).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-Tensor = torch.Tensor
-SubKeys = Tensor | tuple[Tensor, Tensor]
-
-
-def num_experts_to_grid(num_experts: int, grid: tuple[int, int] | None = None) -> tuple[int, int]:
-    """(n1, n2) with n1 * n2 == num_experts: the square root, or ``grid`` where one is given."""
-    if grid is not None:
-        n1, n2 = grid
-        if n1 < 1 or n2 < 1 or n1 * n2 != num_experts:
-            raise ValueError(f"grid {tuple(grid)} holds {n1 * n2} experts, not num_experts={num_experts}; "
-                             f"fix: pass a grid (n1, n2) with n1 * n2 == {num_experts}")
-        return n1, n2
-    if num_experts < 1:
-        raise ValueError(f"num_experts={num_experts} must be >= 1; fix: use n*n experts, e.g. {64 * 64}")
-    n = math.isqrt(num_experts)
-    if n * n != num_experts:
-        lo, hi = n * n, (n + 1) ** 2
-        raise ValueError(f"num_experts={num_experts} is not a perfect square, so no n x n product-key grid exists; "
-                         f"fix: use {lo} or {hi} experts, or pass grid=(n1, n2) with n1 * n2 == {num_experts}")
-    return n, n
-
-
-def _split_subkeys(subkeys: SubKeys) -> tuple[Tensor, Tensor]:
-    """Row and column sub-keys, each [H, n, D2] (per head) or [n, D2] (shared)."""
-    if isinstance(subkeys, (tuple, list)):
-        if len(subkeys) != 2:
-            raise ValueError(f"rectangular sub-keys must be a pair (row_keys, col_keys), got {len(subkeys)} tensors")
-        rows, cols = subkeys
-        if rows.dim() != cols.dim() or rows.dim() not in (2, 3):
-            raise ValueError(f"row_keys {tuple(rows.shape)} and col_keys {tuple(cols.shape)} must both be "
-                             "[H, n, D/2] (per head) or both [n, D/2] (shared)")
-        return rows, cols
-    if subkeys.dim() == 4 and subkeys.shape[1] == 2:
-        return subkeys[:, 0], subkeys[:, 1]
-    if subkeys.dim() == 3 and subkeys.shape[0] == 2:
-        return subkeys[0], subkeys[1]
-    raise ValueError(f"subkeys of shape {tuple(subkeys.shape)}: expected [H, 2, n, D/2] (per head), [2, n, D/2] "
-                     "(shared), or a pair (row_keys, col_keys) for a rectangular grid")
-
-
-def _validate(q_THD: Tensor, rows: Tensor, cols: Tensor, k: int, subkey_topk: int | None) -> tuple[int, int]:
-    """Checks shapes, dtypes and exactness; returns the sub-keys kept per side (k'_1, k'_2)."""
-    if q_THD.dim() != 3:
-        raise ValueError(f"queries of shape {tuple(q_THD.shape)}: expected [T, H, D]; fix: reshape to [tokens, heads, d_key]")
-    _, heads, d_key = q_THD.shape
-    if d_key % 2:
-        raise ValueError(f"d_key={d_key} is odd; the query splits into two halves of d_key/2; fix: use an even d_key")
-    for side, keys in (("row", rows), ("column", cols)):
-        if keys.shape[-1] != d_key // 2:
-            raise ValueError(f"{side} sub-keys {tuple(keys.shape)} have width {keys.shape[-1]}, queries need "
-                             f"d_key/2 = {d_key // 2}; fix: make sub-keys [.., n, {d_key // 2}] or queries d_key={2 * keys.shape[-1]}")
-        if keys.dim() == 3 and keys.shape[0] != heads:
-            raise ValueError(f"{side} sub-keys {tuple(keys.shape)} are per head for {keys.shape[0]} heads, queries "
-                             f"{tuple(q_THD.shape)} have H={heads}; fix: one sub-key table per head, or shared [n, D/2]")
-        if keys.dtype != q_THD.dtype:
-            raise ValueError(f"{side} sub-keys are {keys.dtype}, queries {q_THD.dtype}; fix: cast both to one dtype")
-    n1, n2 = rows.shape[-2], cols.shape[-2]
-    if not 1 <= k <= n1 * n2:
-        raise ValueError(f"k={k} must be in [1, N] with N = n1*n2 = {n1}*{n2} = {n1 * n2}; fix: choose 1 <= k <= {n1 * n2}")
-    kp = k if subkey_topk is None else subkey_topk
-    if kp < k:
-        raise ValueError(f"subkey_topk={kp} < k={k}: the product-key top-k is exact only if each side keeps "
-                         f">= min(k, n) sub-keys; fix: subkey_topk >= {k}, or None (= k)")
-    if kp > k and kp > max(n1, n2):
-        raise ValueError(f"subkey_topk={kp} exceeds the sub-keys per side (n1={n1}, n2={n2}); fix: subkey_topk "
-                         f"<= {max(k, n1, n2)} (each side keeps min(subkey_topk, n) sub-keys), or None (= k)")
-    return min(kp, n1), min(kp, n2)
-
-
-def _half_scores_HTn(q_THD2: Tensor, keys: Tensor) -> Tensor:
-    """q_half . key for every sub-key; keys [H, n, D2] (per head: scores in bmm's own [H, T, n]
-    layout) or [n, D2] (shared: [T, H, n])."""
-    if keys.dim() == 2:
-        return q_THD2 @ keys.t()
-    return torch.bmm(q_THD2.transpose(0, 1), keys.transpose(1, 2))  # [H,T,D2] @ [H,D2,n]
-
-
-def _half_scores(q_THD2: Tensor, keys: Tensor) -> Tensor:
-    """q_half . key for every sub-key: [T, H, n] (a view of ``_half_scores_HTn`` per head)."""
-    scores = _half_scores_HTn(q_THD2, keys)
-    return scores if keys.dim() == 2 else scores.transpose(0, 1)
-
-
-def product_key_half_scores(queries_THD: Tensor, subkeys: SubKeys) -> tuple[Tensor, Tensor]:
-    """The two halves' scores against every sub-key: a_THn1 = q1 . C_row, b_THn2 = q2 . C_col.
-
-    The full score of expert (i, j) is a[i] + b[j], so anything separable over the grid (the
-    log-partition function, marginals) is computed from these in O(n1 + n2) per token and head.
-    Shapes and validation as in :func:`product_key_topk` (k is not involved here).
-    """
-    rows, cols = _split_subkeys(subkeys)
-    _validate(queries_THD, rows, cols, 1, None)
-    q1_THD2, q2_THD2 = queries_THD.chunk(2, dim=-1)
-    return _half_scores(q1_THD2, rows), _half_scores(q2_THD2, cols)
-
-
-def topk_from_half_scores(a_THn1: Tensor, b_THn2: Tensor, k: int, *, subkey_topk: int | None = None) -> tuple[Tensor, Tensor]:
-    """Exact top-k of a[i] + b[j] over the n1 x n2 grid: scores_THK sorted descending, ids = i * n2 + j.
-
-    Each side keeps min(subkey_topk or k, n) candidates (``subkey_topk`` >= k, as validated by
-    :func:`product_key_topk`); differentiable with respect to a and b.
-    """
-    n1, n2 = a_THn1.shape[-1], b_THn2.shape[-1]
-    kp = k if subkey_topk is None else subkey_topk
-    k1, k2 = min(kp, n1), min(kp, n2)
-    a_THk1, row_THk1 = torch.topk(a_THn1, k1, dim=-1, sorted=True)
-    b_THk2, col_THk2 = torch.topk(b_THn2, k2, dim=-1, sorted=True)
-    return _combine_candidates(a_THk1, row_THk1, b_THk2, col_THk2, k, n2)
-
-
-def _combine_candidates(a_THk1: Tensor, row_THk1: Tensor, b_THk2: Tensor, col_THk2: Tensor, k: int, n2: int) -> tuple[Tensor, Tensor]:
-    """Top-k of the k1 x k2 candidate sums a_i + b_j: scores_THK and ids = row * n2 + col."""
-    k2 = b_THk2.shape[-1]
-    # topk's backward scatters gradients back into a and b, hence into q, C and C'.
-    cand_THC = (a_THk1.unsqueeze(-1) + b_THk2.unsqueeze(-2)).flatten(-2)
-    scores_THK, flat_THK = torch.topk(cand_THC, k, dim=-1, sorted=True)
-    rows_THK = torch.gather(row_THk1, -1, torch.div(flat_THK, k2, rounding_mode="floor"))
-    cols_THK = torch.gather(col_THk2, -1, flat_THK % k2)
-    return scores_THK, rows_THK * n2 + cols_THK
+from megatron_moe_ext.kernels.product_key_core import (  # noqa: F401  (re-exported: the public names of this module)
+    SubKeys,
+    Tensor,
+    _combine_candidates,
+    _half_scores,
+    _half_scores_HTn,
+    _split_subkeys,
+    _validate,
+    num_experts_to_grid,
+    product_key_half_scores,
+    product_key_topk_reference,
+    topk_from_half_scores,
+)
 
 
 class _HalfTopK(torch.autograd.Function):
@@ -196,22 +92,3 @@ def product_key_topk(queries_THD: Tensor, subkeys: SubKeys, k: int, *, subkey_to
     a_THk1, row_THk1 = _HalfTopK.apply(q1_THD2, rows, k1)
     b_THk2, col_THk2 = _HalfTopK.apply(q2_THD2, cols, k2)
     return _combine_candidates(a_THk1, row_THk1, b_THk2, col_THk2, k, cols.shape[-2])
-
-
-def product_key_topk_reference(queries_THD: Tensor, subkeys: SubKeys, k: int, *, subkey_topk: int | None = None) -> tuple[Tensor, Tensor]:
-    """Brute force over all N full keys [c_row; c'_col] (the semantics; builds [T, H, N], small N only).
-
-    Same signature and validation as :func:`product_key_topk`; ``subkey_topk`` is validated, not used.
-    """
-    rows, cols = _split_subkeys(subkeys)
-    _validate(queries_THD, rows, cols, k, subkey_topk)
-    n1, n2 = rows.shape[-2], cols.shape[-2]
-    shared = rows.dim() == 2
-    if shared:
-        rows, cols = rows.unsqueeze(0), cols.unsqueeze(0)
-    lead = rows.shape[0]
-    keys_HND = torch.cat([rows.unsqueeze(2).expand(lead, n1, n2, -1), cols.unsqueeze(1).expand(lead, n1, n2, -1)], dim=-1)
-    keys_HND = keys_HND.reshape(lead, n1 * n2, -1)
-    scores_THN = torch.einsum("thd,hnd->thn", queries_THD, keys_HND.expand(queries_THD.shape[1], -1, -1) if shared else keys_HND)
-    scores_THK, ids_THK = torch.topk(scores_THN, k, dim=-1, sorted=True)
-    return scores_THK, ids_THK

@@ -53,7 +53,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import log_single_rank
 
 from megatron_moe_ext.balancing.peer import PEERBalancing
-from megatron_moe_ext.kernels.peer_experts import peer_experts, uniform_offsets
+from megatron_moe_ext.kernels.peer_experts import peer_experts
+from megatron_moe_ext.kernels.peer_reference import peer_gates, uniform_offsets
 from megatron_moe_ext.kernels.product_keys import product_key_topk
 from megatron_moe_ext.layers.query_norm import QueryNorm
 from megatron_moe_ext.peer_settings import check_peer_parallel, peer_layout, table_shard
@@ -211,7 +212,7 @@ class PEERLayer(MegatronModule):
         q_THD = self.query_norm(q_THD, valid_T).float()
         subkeys = (self.row_keys.float(), self.col_keys.float())
         scores_THk, ids_THk = product_key_topk(q_THD, subkeys, k, subkey_topk=self.layout.subkey_topk)
-        gates_THk = torch.softmax(scores_THk, dim=-1) if self.gate == "softmax" else torch.sigmoid(scores_THk)
+        gates_THk = peer_gates(scores_THk, self.gate)
         T = x_Th.shape[0]
         gates_TK = gates_THk.reshape(T, H * k)
         if self.balancing is not None and self.balancing.active():

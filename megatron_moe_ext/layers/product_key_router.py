@@ -53,18 +53,16 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe_ext.balancing.attach import BalancingMixin
 from megatron_moe_ext.balancing.losses import count_subkeys
-from megatron_moe_ext.kernels.product_keys import (
+from megatron_moe_ext.kernels.product_key_core import (
+    biased_topk_from_half_scores,
+    pooled_expert_ids,
     product_key_half_scores,
-    topk_from_half_scores,
+    product_key_log_partition,
+    router_gates,
 )
 from megatron_moe_ext.layers.noisy_gating import add_gating_noise
 from megatron_moe_ext.layers.query_norm import QueryNorm
 from megatron_moe_ext.router_settings import check_router_choice, product_key_layout
-
-
-def product_key_log_partition(a_THn1: torch.Tensor, b_THn2: torch.Tensor) -> torch.Tensor:
-    """logZ_T = log sum over all heads and grid cells of exp(a_h,i + b_h,j), in O(n1 + n2)."""
-    return torch.logsumexp(torch.logsumexp(a_THn1, -1) + torch.logsumexp(b_THn2, -1), dim=-1)
 
 
 def product_key_full_scores(a_THn1: torch.Tensor, b_THn2: torch.Tensor, score_function: str) -> torch.Tensor:
@@ -187,23 +185,16 @@ class ProductKeyRouter(BalancingMixin, TopKRouter):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each head's exact top-k in its own pool: logits_TK and global expert ids_TK (with bias
         balancing: selected on the biased half scores, logits unbiased, selections counted)."""
-        T, H = a_THn1.shape[:2]
-        k, n2 = self.layout.k, self.layout.cols
         if self.bias_balancing:
             self._keep_bias_fp32()
-            with torch.no_grad():
-                _, local_THk = topk_from_half_scores(
-                    a_THn1 + self.row_bias.to(a_THn1.dtype), b_THn2 + self.col_bias.to(b_THn2.dtype), k,
-                    subkey_topk=self.layout.subkey_topk,
-                )
-            rows_THk, cols_THk = torch.div(local_THk, n2, rounding_mode="floor"), local_THk % n2
-            scores_THk = torch.gather(a_THn1, -1, rows_THk) + torch.gather(b_THn2, -1, cols_THk)
-            if self.training and torch.is_grad_enabled():  # not in eval, nor in activation recompute
-                self._count_selections(local_THk, valid_T)
-        else:
-            scores_THk, local_THk = topk_from_half_scores(a_THn1, b_THn2, k, subkey_topk=self.layout.subkey_topk)
-        offsets_H1 = torch.arange(H, device=local_THk.device).view(H, 1) * self.layout.pool_size
-        return scores_THk.reshape(T, -1), (local_THk + offsets_H1).reshape(T, -1)
+        scores_THk, local_THk = biased_topk_from_half_scores(
+            a_THn1, b_THn2, self.layout.k, subkey_topk=self.layout.subkey_topk,
+            row_bias_Hn1=self.row_bias if self.bias_balancing else None,
+            col_bias_Hn2=self.col_bias if self.bias_balancing else None,
+        )
+        if self.bias_balancing and self.training and torch.is_grad_enabled():  # not in eval, nor in recompute
+            self._count_selections(local_THk, valid_T)
+        return scores_THk.reshape(scores_THk.shape[0], -1), pooled_expert_ids(local_THk, self.layout.pool_size)
 
     def _keep_bias_fp32(self) -> None:
         for name in ("row_bias", "col_bias", "local_row_counts", "local_col_counts"):
@@ -234,18 +225,10 @@ class ProductKeyRouter(BalancingMixin, TopKRouter):
     def gates(self, logits_TK: torch.Tensor, logz_T: torch.Tensor | None) -> torch.Tensor:
         """Megatron's gate functions, over the selected logits of each token."""
         cfg = self.config
-        if cfg.moe_router_score_function == "softmax":
-            if cfg.moe_router_pre_softmax:
-                probs_TK = torch.exp(logits_TK.float() - logz_T.float().unsqueeze(-1))
-            else:
-                probs_TK = torch.softmax(logits_TK, dim=-1, dtype=torch.float32)
-        else:
-            probs_TK = torch.sigmoid(logits_TK.float())
-            if self.topk > 1:
-                probs_TK = probs_TK / (probs_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        if cfg.moe_router_topk_scaling_factor:
-            probs_TK = probs_TK * cfg.moe_router_topk_scaling_factor
-        return probs_TK
+        return router_gates(
+            logits_TK, score_function=cfg.moe_router_score_function, pre_softmax=cfg.moe_router_pre_softmax,
+            topk=self.topk, scaling_factor=cfg.moe_router_topk_scaling_factor, logz_T=logz_T,
+        )
 
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
         seq_length, bsz = input.shape[:2]

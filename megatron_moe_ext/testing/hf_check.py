@@ -14,36 +14,52 @@ import tempfile
 
 import torch
 
+# Runs in a fresh interpreter with the repository neither on sys.path nor the working directory.
 _HF_SCRIPT = r"""
 import sys, torch
 from transformers import AutoModelForCausalLM
-folder, io_file, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
-data = torch.load(io_file)
-model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True)
-model.eval()
-with torch.no_grad():
-    logits = model(data["tokens"]).logits.float()
-    greedy = None
-    if steps:
-        greedy = model.generate(data["tokens"], max_new_tokens=steps, do_sample=False, min_new_tokens=steps,
-                                attention_mask=torch.ones_like(data["tokens"]), pad_token_id=0)
-torch.save({"logits": logits, "greedy": greedy, "class": type(model).__name__}, io_file)
+io_file, steps = sys.argv[1], int(sys.argv[2])
+jobs = torch.load(io_file)
+results = {}
+for key, (folder, tokens) in jobs.items():
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(tokens).logits.float()
+        greedy = model.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=steps,
+                                min_new_tokens=steps, do_sample=False, pad_token_id=0) if steps else None
+    results[key] = {"logits": logits, "greedy": greedy, "class": type(model).__name__,
+                    "module": type(model).__module__}
+try:
+    import megatron_moe_ext  # noqa: F401
+    results["repository_importable"] = True
+except ImportError:
+    results["repository_importable"] = False
+torch.save(results, io_file)
 """
 
 
-def hf_outputs(folder: str, tokens_BS: torch.Tensor, greedy_steps: int = 0, *, timeout_s: float = 600) -> dict:
-    """``{"logits": [B, S, V], "greedy": [B, S + steps] or None, "class": str}`` from a fresh Python process
-    (``HF_HUB_OFFLINE=1``, temporary ``HF_HOME``, cwd outside the repository, no ``PYTHONPATH``)."""
+def hf_outputs_many(jobs: dict[str, tuple[str, torch.Tensor]], greedy_steps: int = 0, *,
+                    timeout_s: float = 600) -> dict:
+    """For each ``key: (folder, tokens [B, S])``: ``{"logits": [B, S, V], "greedy": [B, S + steps] or None,
+    "class", "module"}``, all loaded in one fresh Python process (``HF_HUB_OFFLINE=1``, temporary ``HF_HOME``, cwd
+    outside the repository, no ``PYTHONPATH``); ``"repository_importable"`` says whether that process could import
+    this package (it should not: an export must stand alone)."""
     with tempfile.TemporaryDirectory() as tmp:
         io_file = os.path.join(tmp, "io.pt")
-        torch.save({"tokens": tokens_BS}, io_file)
+        torch.save({k: (os.path.abspath(f), t) for k, (f, t) in jobs.items()}, io_file)
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_HOME", "HF_MODULES_CACHE")}
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=os.path.join(tmp, "hf_home"))
-        proc = subprocess.run([sys.executable, "-c", _HF_SCRIPT, os.path.abspath(folder), io_file, str(greedy_steps)],
-                              cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+        proc = subprocess.run([sys.executable, "-c", _HF_SCRIPT, io_file, str(greedy_steps)], cwd=tmp, env=env,
+                              capture_output=True, text=True, timeout=timeout_s, check=False,
+                              stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
-            raise AssertionError(f"loading {folder} with transformers failed:\n{proc.stderr[-4000:]}")
+            raise AssertionError(f"loading with transformers failed:\n{proc.stderr[-4000:]}")
         return torch.load(io_file)
+
+
+def hf_outputs(folder: str, tokens_BS: torch.Tensor, greedy_steps: int = 0, *, timeout_s: float = 600) -> dict:
+    """:func:`hf_outputs_many` for one folder."""
+    return hf_outputs_many({"model": (folder, tokens_BS)}, greedy_steps, timeout_s=timeout_s)["model"]
 
 
 def checkpoint_logits(checkpoint: str, tokens_BS: torch.Tensor, *, tp: int = 1, ep: int = 1) -> torch.Tensor | None:

@@ -1,0 +1,1 @@
+"""Compute kernels: tensors and ints in, tensors out (no configs)."""

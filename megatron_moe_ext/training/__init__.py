@@ -1,0 +1,1 @@
+"""The train entry: launcher, rank entry, data, forward step."""
