@@ -597,6 +597,19 @@ def base_flags(read: ConfigReader, *, rope_theta: int, qkv_bias: bool, qk_norm: 
     return flags
 
 
+def qwen_import_prelude(read: ConfigReader, family: str, sliding: bool) -> tuple[float, list[bool]]:
+    """What Qwen2-MoE and Qwen3-MoE imports check first: no sliding window, RoPE over the whole head; returns
+    (rope theta, MoE pattern)."""
+    if sliding:
+        read.refuse("use_sliding_window", "Megatron's local attention has no sliding window here",
+                    "use_sliding_window false")
+    theta, partial = rope(read)
+    if partial not in (None, 1.0):
+        read.refuse("rope_parameters", f"partial_rotary_factor {partial}: {family} rotates the whole head",
+                    "partial_rotary_factor 1.0")
+    return theta, qwen_moe_layers(read)
+
+
 def qwen_moe_layers(read: ConfigReader) -> list[bool]:
     """Qwen's layer rule: MoE unless in mlp_only_layers, and only every decoder_sparse_step-th layer."""
     n, step = int(read("num_hidden_layers")), int(read("decoder_sparse_step"))

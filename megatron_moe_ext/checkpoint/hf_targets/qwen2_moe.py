@@ -69,14 +69,7 @@ class Qwen2MoeTarget:
 
     def import_model(self, config: dict, tensors: dict[str, torch.Tensor]) -> tuple[list[str], dict[str, torch.Tensor]]:
         read = nc.ConfigReader(config, HF_DEFAULTS, MODEL_TYPE)
-        if read("use_sliding_window") or "sliding_attention" in (config.get("layer_types") or []):
-            read.refuse("use_sliding_window", "Megatron's local attention has no sliding window here",
-                        "use_sliding_window false")
-        theta, partial = nc.rope(read)
-        if partial not in (None, 1.0):
-            read.refuse("rope_parameters", f"partial_rotary_factor {partial}: Qwen2 rotates the whole head",
-                        "partial_rotary_factor 1.0")
-        moe = nc.qwen_moe_layers(read)
+        theta, moe = nc.qwen_import_prelude(read, "Qwen2", bool(read("use_sliding_window") or "sliding_attention" in (config.get("layer_types") or [])))
         qkv_bias = bool(read("qkv_bias"))
         shared = int(read("shared_expert_intermediate_size"))
         # Our ungated shared expert comes back ungated only while every gate is still the zero we wrote.

@@ -59,14 +59,7 @@ class Qwen3MoeTarget:
 
     def import_model(self, config: dict, tensors: dict[str, torch.Tensor]) -> tuple[list[str], dict[str, torch.Tensor]]:
         read = nc.ConfigReader(config, HF_DEFAULTS, MODEL_TYPE)
-        if read("use_sliding_window"):
-            read.refuse("use_sliding_window", "Megatron's local attention has no sliding window here",
-                        "use_sliding_window false")
-        theta, partial = nc.rope(read)
-        if partial not in (None, 1.0):
-            read.refuse("rope_parameters", f"partial_rotary_factor {partial}: Qwen3 rotates the whole head",
-                        "partial_rotary_factor 1.0")
-        moe = nc.qwen_moe_layers(read)
+        theta, moe = nc.qwen_import_prelude(read, "Qwen3", bool(read("use_sliding_window")))
         qkv_bias = bool(read("attention_bias"))
         flags = nc.base_flags(read, rope_theta=theta, qkv_bias=qkv_bias, qk_norm=True, moe=moe)
         flags += ["--num-experts", str(read("num_experts")), "--moe-router-score-function", "softmax"]
