@@ -14,9 +14,20 @@ import tempfile
 
 import torch
 
-# Runs in a fresh interpreter with the repository neither on sys.path nor the working directory.
+# Runs in a fresh interpreter with the repository neither on sys.path nor the working directory. This package may
+# still be installed in the interpreter (CI installs it editable), so a meta-path finder refuses it and records who
+# tried: an export must load from its own folder alone.
 _HF_SCRIPT = r"""
-import sys, torch
+import sys
+attempts = []
+class _RefuseThisPackage:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "megatron_moe_ext":
+            attempts.append(name)
+            raise ImportError(f"{name} is refused in this check: an export must not need it")
+        return None
+sys.meta_path.insert(0, _RefuseThisPackage())
+import torch
 from transformers import AutoModelForCausalLM
 io_file, steps = sys.argv[1], int(sys.argv[2])
 jobs = torch.load(io_file)
@@ -29,11 +40,7 @@ for key, (folder, tokens) in jobs.items():
                                 min_new_tokens=steps, do_sample=False, pad_token_id=0) if steps else None
     results[key] = {"logits": logits, "greedy": greedy, "class": type(model).__name__,
                     "module": type(model).__module__}
-try:
-    import megatron_moe_ext  # noqa: F401
-    results["repository_importable"] = True
-except ImportError:
-    results["repository_importable"] = False
+results["package_imports"] = attempts
 torch.save(results, io_file)
 """
 
@@ -42,8 +49,8 @@ def hf_outputs_many(jobs: dict[str, tuple[str, torch.Tensor]], greedy_steps: int
                     timeout_s: float = 600) -> dict:
     """For each ``key: (folder, tokens [B, S])``: ``{"logits": [B, S, V], "greedy": [B, S + steps] or None,
     "class", "module"}``, all loaded in one fresh Python process (``HF_HUB_OFFLINE=1``, temporary ``HF_HOME``, cwd
-    outside the repository, no ``PYTHONPATH``); ``"repository_importable"`` says whether that process could import
-    this package (it should not: an export must stand alone)."""
+    outside the repository, no ``PYTHONPATH``, this package refused even where installed); ``"package_imports"`` lists
+    the imports of this package that loading attempted (there should be none: an export must stand alone)."""
     with tempfile.TemporaryDirectory() as tmp:
         io_file = os.path.join(tmp, "io.pt")
         torch.save({k: (os.path.abspath(f), t) for k, (f, t) in jobs.items()}, io_file)

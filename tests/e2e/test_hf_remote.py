@@ -5,7 +5,7 @@ and greedy tokens.
 
 Models: (a) the README demo (fine-grained experts + product-key router + PEER, TP=2/EP=2, PEER tables over TP);
 (b) PEER tables over EP (TP=1/EP=2, 81 experts padded to 82 rows), a 2-head product-key router on a 2x4 grid with
-sigmoid gates, scaling, selection biases and noise weights, PEER with layernorm queries, relu, sigmoid gates,
+sigmoid gates, scaling, separable and per-expert selection biases and noise weights, PEER with layernorm queries, relu, sigmoid gates,
 sub-key top-k and a dense branch; (c) softmax routing with pre-softmax, a gated shared expert, QK-norm, GQA with
 kv_channels 24, LayerNorm, half-rotary RoPE, tied embeddings and a dense first layer (no native target has that
 combination). Each has a negative control: the same folder with one config value changed must not match.
@@ -43,7 +43,8 @@ MODELS = {
         ["--num-experts", "16", "--moe-router-topk", "4", "--moe-ffn-hidden-size", "32", "--moe-router-type",
          "product_key", "--moe-pk-heads", "2", "--moe-pk-grid-rows", "2", "--moe-pk-key-dim", "16",
          "--moe-pk-query-norm", "rmsnorm", "--moe-router-score-function", "sigmoid",
-         "--moe-router-topk-scaling-factor", "2.0", "--moe-pk-bias-balancing", "--moe-router-noisy-gating",
+         "--moe-router-topk-scaling-factor", "2.0", "--moe-pk-bias-balancing", "--moe-pk-expert-bias-balancing",
+         "--moe-router-noisy-gating",
          "--moe-peer-num-experts", "81", "--moe-peer-layers", "2", "--moe-peer-shard", "ep", "--moe-peer-heads", "2",
          "--moe-peer-topk", "4", "--moe-peer-key-dim", "16", "--moe-peer-subkey-topk", "6",
          "--moe-peer-query-norm", "layernorm", "--moe-peer-activation", "relu", "--moe-peer-gate", "sigmoid",
@@ -88,7 +89,7 @@ def exported(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_remote_code_reproduces_megatron_logits_and_greedy_tokens(exported, name):
     megatron, hf, root = exported
-    assert hf["repository_importable"] is False  # the folder alone was enough
+    assert hf["package_imports"] == []  # the folder alone was enough
     out = hf[name]
     assert out["class"] == "MegatronMoEExtForCausalLM" and out["module"].startswith("transformers_modules.")
     ref_BSV = megatron[name]["logits"]

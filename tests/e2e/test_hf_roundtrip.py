@@ -84,6 +84,18 @@ def test_export_import_export_is_bit_exact_and_trainable(demo):
     assert "iteration        1/       1" in log
 
 
+def test_a_named_target_that_is_not_exact_is_refused(demo, capsys, monkeypatch):
+    from megatron_moe_ext.cli import main  # in this process: the refusal comes before any tensor is read
+
+    root, _ = demo
+    before = sorted(os.listdir(root))
+    monkeypatch.chdir(root)
+    assert main(["export-hf", "--checkpoint", "ckpt", "--out", "q3", "--target", "qwen3_moe"]) == 2
+    err = capsys.readouterr().err
+    assert "--target qwen3_moe cannot reproduce this model exactly" in err and "product-key" in err
+    assert sorted(os.listdir(root)) == before  # neither q3 nor a temporary folder
+
+
 def test_import_refuses_bad_folders_and_leaves_nothing(demo, tmp_path):
     root, _ = demo
     broken = tmp_path / "broken"
