@@ -107,9 +107,31 @@ def _layer_against_reference(norm: str, gate: str, activation: str) -> dict:
     return {"out": (out.detach(), ref.detach()), "grads": [(a, b) for a, b in zip(grads, ref_grads)]}
 
 
-@pytest.mark.parametrize("norm,gate,activation", [("none", "softmax", "gelu"), ("layernorm", "sigmoid", "relu")])
-def test_layer_equals_brute_force_formula(norm: str, gate: str, activation: str) -> None:
-    (result,) = run_distributed(_layer_against_reference, 1, norm, gate, activation)
+FORMULA_CASES = [("none", "softmax", "gelu"), ("layernorm", "sigmoid", "relu")]
+
+
+def _single_rank_runs() -> dict:
+    """The single-rank cases of this file in one rank process (a process start costs more than a case);
+    Megatron's parallel state is rebuilt per case, as a fresh process would have it."""
+    from megatron.core import parallel_state as ps
+
+    results: dict = {}
+    for case in FORMULA_CASES:
+        results[case] = _layer_against_reference(*case)
+        ps.destroy_model_parallel()
+    results["optimizer_groups"] = _optimizer_groups()
+    return results
+
+
+@pytest.fixture(scope="module")
+def single_rank_runs() -> dict:
+    (results,) = run_distributed(_single_rank_runs, 1)
+    return results
+
+
+@pytest.mark.parametrize("norm,gate,activation", FORMULA_CASES)
+def test_layer_equals_brute_force_formula(single_rank_runs: dict, norm: str, gate: str, activation: str) -> None:
+    result = single_rank_runs[(norm, gate, activation)]
     torch.testing.assert_close(*result["out"], rtol=1e-5, atol=1e-6)
     for name, (got, want) in zip(["x", "query", "row_keys", "col_keys", "u", "v"], result["grads"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"grad {n}: {m}")
@@ -142,8 +164,8 @@ def _optimizer_groups() -> list[dict]:
     return groups
 
 
-def test_table_learning_rate_and_weight_decay_groups() -> None:
-    (groups,) = run_distributed(_optimizer_groups, 1)
+def test_table_learning_rate_and_weight_decay_groups(single_rank_runs: dict) -> None:
+    groups = single_rank_runs["optimizer_groups"]
     tables = [g for g in groups if any(n.endswith((".mlp.u", ".mlp.v")) for n in g["names"])]
     assert tables and all(n.endswith((".mlp.u", ".mlp.v")) for g in tables for n in g["names"])
     for group in tables:
