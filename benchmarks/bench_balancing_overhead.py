@@ -20,8 +20,11 @@ test. Variants:
 PEER part (``--peer``, on by default; ``--no-peer`` skips it): one ``PEERLayer`` at N = 1M experts
 (hidden 512, 2048 tokens, 8 heads, top-16, key dim 128: ``bench_peer.py``'s layer and its Megatron-
 like main_grad accumulation), forward + backward with its balancing swapped between variants on the
-*same* layer (one 1M-row table pair in memory): off, the ``subkey`` loss (exact, and with
-``--moe-peer-subkey-loss-stride``), the metrics (+ step-end work), loss + metrics; interleaved.
+*same* layer (one 1M-row table pair in memory), interleaved: off; the ``subkey`` loss with its default
+candidate marginals (``--moe-peer-subkey-loss-marginals candidates``: softmax over the retrieval's k'
+kept sub-keys, sparse backward); with the full marginals (``full``: dense softmax over all n sub-keys),
+exact and with ``--moe-peer-subkey-loss-stride`` (``--peer-stride``); the metrics (+ step-end work);
+the default loss + metrics.
 
 Overhead = median(on) / median(off) - 1 of the same router; also the median of per-round ratios
 (paired samples) and the CPU-time ratio as cross-checks. Before timing, each variant's output is
@@ -75,13 +78,15 @@ PEER_FULL = dict(peer_experts=1048576, peer_tokens=2048, peer_hidden=512, peer_h
                  peer_key_dim=128, peer_stride=16)
 PEER_SMOKE = dict(peer_experts=256, peer_tokens=64, peer_hidden=32, peer_heads=2, peer_topk=4, peer_key_dim=16,
                   peer_stride=4)
-# name -> (moe_balance_losses, moe_balance_metrics, stride (None: --peer-stride), run the step-end work)
-PEER_VARIANTS: dict[str, tuple[list[str] | None, bool, int | None, bool]] = {
-    "peer off": (None, False, 1, False),
-    "peer subkey": (["subkey"], False, 1, False),
-    "peer subkey, stride s": (["subkey"], False, None, False),
-    "peer metrics (+ step end)": (None, True, 1, True),
-    "peer subkey stride s + metrics (+ step end)": (["subkey"], True, None, True),
+# name -> (moe_balance_losses, moe_balance_metrics, moe_peer_subkey_loss_marginals, stride (None: --peer-stride),
+#          run the step-end work)
+PEER_VARIANTS: dict[str, tuple[list[str] | None, bool, str, int | None, bool]] = {
+    "peer off": (None, False, "candidates", 1, False),
+    "peer subkey (candidates, default)": (["subkey"], False, "candidates", 1, False),
+    "peer subkey (full)": (["subkey"], False, "full", 1, False),
+    "peer subkey (full), stride s": (["subkey"], False, "full", None, False),
+    "peer metrics (+ step end)": (None, True, "candidates", 1, True),
+    "peer subkey (candidates) + metrics (+ step end)": (["subkey"], True, "candidates", 1, True),
 }
 
 
@@ -251,28 +256,28 @@ def run_peer_benchmark(args: argparse.Namespace) -> list[dict]:
     from megatron_moe_ext.layers.peer import PEERLayer
     from megatron_moe_ext.testing.tiny import tiny_config
 
-    def config(losses, metrics, stride):
+    def config(losses, metrics, marginals, stride):
         return tiny_config(
             num_layers=1, hidden_size=args.peer_hidden, ffn_hidden_size=4 * args.peer_hidden, num_moe_experts=None,
             moe_peer_num_experts=args.peer_experts, moe_peer_layers="all", moe_peer_heads=args.peer_heads,
             moe_peer_topk=args.peer_topk, moe_peer_key_dim=args.peer_key_dim, moe_peer_query_norm="batchnorm",
             init_method_std=0.02, moe_balance_losses=losses, moe_balance_metrics=metrics,
-            moe_peer_subkey_loss_stride=stride,
+            moe_peer_subkey_loss_marginals=marginals, moe_peer_subkey_loss_stride=stride,
         )
 
     torch.manual_seed(5000)
     pg = _pg_collection()
-    layer = PEERLayer(config(None, False, 1), pg_collection=pg)
+    layer = PEERLayer(config(None, False, "candidates", 1), pg_collection=pg)
     layer.set_layer_number(1)
     layer.train()
     handles = attach_main_grads(layer)
     H, n = layer.layout.heads, layer.layout.grid
     balancers = {}
-    for name, (losses, metrics, stride, _) in PEER_VARIANTS.items():
+    for name, (losses, metrics, marginals, stride, _) in PEER_VARIANTS.items():
         if losses is None and not metrics:
             balancers[name] = None
             continue
-        b = PEERBalancing(config(losses, metrics, stride or args.peer_stride), heads=H, grid=n,
+        b = PEERBalancing(config(losses, metrics, marginals, stride or args.peer_stride), heads=H, grid=n,
                           topk=layer.layout.topk, num_experts=layer.layout.num_experts, loss_group=pg.cp,
                           count_group=pg.dp_cp, cp_size=1)
         b.layer_number = 1
@@ -286,7 +291,7 @@ def run_peer_benchmark(args: argparse.Namespace) -> list[dict]:
         reset_grads(layer)
 
     def step(name: str):
-        step_end = PEER_VARIANTS[name][3]
+        step_end = PEER_VARIANTS[name][4]
 
         def run() -> torch.Tensor:
             layer.balancing = balancers[name]
@@ -318,7 +323,7 @@ def run_peer_benchmark(args: argparse.Namespace) -> list[dict]:
     rows = []
     for name in fns:
         label = name.replace("stride s", f"stride {args.peer_stride}")
-        row = dict(name=label, router="peer", step_end=PEER_VARIANTS[name][3], base=None if name == "peer off" else "peer off",
+        row = dict(name=label, router="peer", step_end=PEER_VARIANTS[name][4], base=None if name == "peer off" else "peer off",
                    median=medians[name], cpu=statistics.median(cpu_samples[name]), router_median=float("nan"))
         if name != "peer off":
             row["overhead"] = medians[name] / medians["peer off"] - 1

@@ -23,7 +23,12 @@ from megatron_moe_ext.granularity import (
     derive_fine_grained,
     explicit_conflicts,
 )
-from megatron_moe_ext.peer_settings import check_peer_parallel, peer_layer_numbers, peer_layout
+from megatron_moe_ext.peer_settings import (
+    check_peer_parallel,
+    check_peer_subkey_loss,
+    peer_layer_numbers,
+    peer_layout,
+)
 from megatron_moe_ext.router_settings import check_router_settings
 
 GROUP_TITLE = "megatron-moe-ext"
@@ -78,6 +83,7 @@ def _check_peer_args(args: argparse.Namespace) -> None:
     check_peer_parallel(
         shard=args.moe_peer_shard, tp=args.tensor_model_parallel_size, ep=args.expert_model_parallel_size
     )
+    check_peer_subkey_loss(marginals=args.moe_peer_subkey_loss_marginals, stride=args.moe_peer_subkey_loss_stride)
 
 
 def _check_balance_args(args: argparse.Namespace) -> None:

@@ -29,11 +29,17 @@ from megatron_moe_ext.peer_settings import (
     PEER_BACKENDS,
     PEER_GATES,
     PEER_SHARDS,
+    PEER_SUBKEY_MARGINALS,
     check_peer_parallel,
+    check_peer_subkey_loss,
     peer_layer_numbers,
     peer_layout,
 )
-from megatron_moe_ext.router_settings import ROUTER_TYPES, check_router_settings
+from megatron_moe_ext.router_settings import (
+    BIAS_UPDATE_RULES,
+    ROUTER_TYPES,
+    check_router_settings,
+)
 
 # Megatron's own default for moe_router_topk; an unchanged default counts as "not set by the user"
 # when a granularity derives the top-k (the flag path detects an explicit value exactly).
@@ -113,6 +119,22 @@ class MoEExtConfig(TransformerConfig):
     """Auxiliary-loss-free balancing for the product-key router: separable per-row and per-column
     selection biases (gates stay unbiased), updated after each step from all-reduced counts at
     --moe-router-bias-update-rate (Wang et al. 2024 per expert; here 2n counts per head)."""
+
+    moe_pk_expert_bias_balancing: bool = False
+    """Auxiliary-loss-free balancing per expert for the product-key router: a selection bias per
+    expert (gates stay unbiased), added where each token's k' x k' candidate pairs are combined, so
+    it re-ranks experts within that candidate grid (exact over all experts only when
+    --moe-pk-subkey-topk covers the grid); it corrects overloaded (row, column) pairs that
+    --moe-pk-bias-balancing cannot. Updated after each step from all-reduced per-expert counts at
+    --moe-router-bias-update-rate (Megatron's expert-bias rule); needs >= 2 candidate pairs per
+    slot, i.e. k' >= 2 when the top-k per head is 1."""
+
+    moe_pk_bias_update_rule: str = dataclasses.field(
+        default="sign", metadata={"argparse_meta": {"choices": BIAS_UPDATE_RULES}}
+    )
+    """Update of the product-key selection biases: 'sign' (Megatron's rule: bias += rate *
+    sign(mean - count)) or 'relative' (bias += rate * clamp((mean - count) / mean, -1, 1): steps
+    shrink as the load nears the mean)."""
 
     moe_balance_losses: list[str] | None = dataclasses.field(
         default=None, metadata={"argparse_meta": {"choices": BALANCE_LOSSES}}
@@ -226,11 +248,22 @@ class MoEExtConfig(TransformerConfig):
     """Weight-decay multiplier of the PEER expert tables (0 turns their weight decay off)."""
 
     moe_peer_subkey_loss_stride: int = 1
-    """PEER layers with --moe-balance-losses subkey: estimate the loss's soft row/column marginals
-    from every s-th local token (the hard counts always use all tokens). The marginals need dense
-    half scores over all n sub-keys and a dense backward, ~3x the retrieval's sub-key work; s > 1
-    divides that cost by s (an unbiased estimate of the marginals for shuffled tokens). 1 = exact,
-    the router's loss."""
+    """PEER layers with --moe-balance-losses subkey and --moe-peer-subkey-loss-marginals full:
+    estimate the loss's soft row/column marginals from every s-th local token (the hard counts
+    always use all tokens). The full marginals need dense half scores over all n sub-keys and a
+    dense backward, ~3x the retrieval's sub-key work; s > 1 divides that cost by s (an unbiased
+    estimate of the marginals for shuffled tokens). 1 = exact, the router's loss. Refused with
+    'candidates' (nothing dense to thin)."""
+
+    moe_peer_subkey_loss_marginals: str = dataclasses.field(
+        default="candidates", metadata={"argparse_meta": {"choices": PEER_SUBKEY_MARGINALS}}
+    )
+    """Soft row/column marginals of the PEER subkey loss (--moe-balance-losses subkey):
+    'candidates' (default: each token's softmax over the k' sub-keys per side its retrieval kept;
+    the gradient joins the retrieval's sparse backward, O(k') per token, so it stays cheap at
+    N = 1M) or 'full' (softmax over all n sub-keys per side, the product-key router's loss; a
+    dense pass as costly as the retrieval's scoring, thinned by --moe-peer-subkey-loss-stride).
+    Both equal the coefficient at balanced rows and columns."""
 
     def peer_layer_numbers(self) -> list[int]:
         """1-based numbers of the PEER layers (empty without --moe-peer-num-experts)."""
@@ -270,10 +303,7 @@ class MoEExtConfig(TransformerConfig):
         check_peer_parallel(
             shard=self.moe_peer_shard, tp=self.tensor_model_parallel_size, ep=self.expert_model_parallel_size
         )
-        if isinstance(self.moe_peer_subkey_loss_stride, bool) or not isinstance(self.moe_peer_subkey_loss_stride, int) \
-                or self.moe_peer_subkey_loss_stride < 1:
-            raise ValueError(f"moe_peer_subkey_loss_stride={self.moe_peer_subkey_loss_stride!r} must be an int >= 1; "
-                             "fix: 1 (exact) or e.g. 16 (marginals from every 16th token)")
+        check_peer_subkey_loss(marginals=self.moe_peer_subkey_loss_marginals, stride=self.moe_peer_subkey_loss_stride)
         if self.moe_peer_chunk_pairs < 1:
             raise ValueError(f"moe_peer_chunk_pairs={self.moe_peer_chunk_pairs} must be >= 1; fix: e.g. 16384")
 
@@ -303,7 +333,7 @@ class MoEExtConfig(TransformerConfig):
 
     def _check_router(self) -> None:
         check_router_settings(lambda name: getattr(self, name))
-        if self.moe_pk_bias_balancing:
+        if self.moe_pk_bias_balancing or self.moe_pk_expert_bias_balancing:
             self._install_step_hook()
 
     def _apply_granularity(self) -> None:

@@ -3,7 +3,8 @@
 ``peer_layout`` validates the expert grid and retrieval sizes, ``peer_layer_numbers`` turns
 --moe-peer-layers into Megatron's 1-based layer numbers, ``table_shard`` says which expert rows a
 rank owns (and the padding applied when N does not divide), ``check_peer_parallel`` the
-parallel layout. Every failure is a ValueError naming the values and the fix.
+parallel layout, ``check_peer_subkey_loss`` the subkey loss's marginals and stride. Every failure
+is a ValueError naming the values and the fix.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ PEER_ACTIVATIONS = ("gelu", "relu", "silu")
 PEER_GATES = ("softmax", "sigmoid")
 PEER_SHARDS = ("tp", "ep")
 PEER_BACKENDS = ("auto", "eager", "chunked", "embedding_bag", "cpu_fused", "triton")
+# Soft marginals of the PEER subkey loss: the retrieval's candidates (O(k') per token) or all n sub-keys.
+PEER_SUBKEY_MARGINALS = ("candidates", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,3 +145,25 @@ def check_peer_parallel(*, shard: str, tp: int, ep: int) -> None:
                 f"moe_peer_shard='ep' with tensor_model_parallel_size={tp} is not supported (the tables would be "
                 "replicated over TP); fix: --moe-peer-shard tp (tables split over TP), or --tensor-model-parallel-size 1"
             )
+
+
+def check_peer_subkey_loss(*, marginals: str, stride: int) -> None:
+    """The PEER subkey loss's soft marginals (``PEER_SUBKEY_MARGINALS``) and token stride.
+
+    The stride thins the tokens of the dense full marginals; the candidate marginals are already
+    O(k') per token, so a stride there would only discard tokens: refused rather than ignored.
+    """
+    if marginals not in PEER_SUBKEY_MARGINALS:
+        raise ValueError(
+            f"moe_peer_subkey_loss_marginals={marginals!r} is unknown; choose from {', '.join(PEER_SUBKEY_MARGINALS)}"
+        )
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"moe_peer_subkey_loss_stride={stride!r} must be an int >= 1; "
+                         "fix: 1 (exact) or e.g. 16 (marginals from every 16th token)")
+    if stride > 1 and marginals == "candidates":
+        raise ValueError(
+            f"moe_peer_subkey_loss_stride={stride} with moe_peer_subkey_loss_marginals='candidates': the stride "
+            "only thins the tokens of the full (dense) marginals, the candidate marginals already cost O(k') per "
+            f"token; fix: --moe-peer-subkey-loss-marginals full --moe-peer-subkey-loss-stride {stride}, or drop "
+            "--moe-peer-subkey-loss-stride"
+        )

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 
 ROUTER_TYPES = ("topk", "product_key")
+# Update rules of the product-key selection biases (MoEExtConfig.moe_pk_bias_update_rule).
+BIAS_UPDATE_RULES = ("sign", "relative")
 
 # Megatron routing options the product-key router cannot honour, with the reason.
 _PK_UNSUPPORTED_BALANCING = {
@@ -176,12 +178,42 @@ def check_router_settings(get) -> None:
             "product-key router; fix: --moe-router-type product_key, or Megatron's --moe-router-enable-expert-bias "
             "for the dense router"
         )
+    if get("moe_pk_expert_bias_balancing") and router_type != "product_key":
+        raise ValueError(
+            f"--moe-pk-expert-bias-balancing with --moe-router-type {router_type}: this per-expert bias acts on the "
+            "product-key candidate grid; fix: --moe-router-type product_key, or Megatron's "
+            "--moe-router-enable-expert-bias for the dense router"
+        )
     if router_type == "product_key":
-        product_key_layout(
+        layout = product_key_layout(
             get("num_moe_experts"),
             get("moe_router_topk"),
             heads=get("moe_pk_heads"),
             key_dim=get("moe_pk_key_dim"),
             subkey_topk=get("moe_pk_subkey_topk"),
             grid_rows=get("moe_pk_grid_rows"),
+        )
+        if get("moe_pk_expert_bias_balancing"):
+            check_expert_bias_candidates(layout)
+    rule = get("moe_pk_bias_update_rule")
+    if rule is not None and rule not in BIAS_UPDATE_RULES:
+        raise ValueError(f"--moe-pk-bias-update-rule {rule!r} is unknown; fix: one of {', '.join(BIAS_UPDATE_RULES)}")
+    if rule not in (None, "sign") and not (get("moe_pk_bias_balancing") or get("moe_pk_expert_bias_balancing")):
+        raise ValueError(
+            f"--moe-pk-bias-update-rule {rule} with no selection bias to update; fix: add --moe-pk-bias-balancing "
+            "and/or --moe-pk-expert-bias-balancing, or drop the rule"
+        )
+
+
+def check_expert_bias_candidates(layout: ProductKeyLayout) -> None:
+    """The per-expert selection bias re-ranks each token's candidate pairs, so a head needs more
+    candidate pairs (k'1 x k'2) than slots (k); otherwise every candidate is chosen and the bias is
+    a silent no-op. Since k' >= k <= each side, that fails only for k = k' = 1."""
+    k1, k2 = min(layout.subkey_topk, layout.rows), min(layout.subkey_topk, layout.cols)
+    if k1 * k2 <= layout.k:
+        raise ValueError(
+            f"--moe-pk-expert-bias-balancing with top-k per head {layout.k}, --moe-pk-subkey-topk {layout.subkey_topk} "
+            f"on a {layout.rows} x {layout.cols} grid: each token has {k1} x {k2} = {k1 * k2} candidate pairs for "
+            f"{layout.k} slots, so a per-expert bias cannot change the selection; fix: --moe-pk-subkey-topk 2 "
+            "(or more: more candidate pairs than slots), or --moe-pk-bias-balancing alone"
         )

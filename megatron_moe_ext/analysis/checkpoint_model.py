@@ -78,6 +78,10 @@ def analysis_args(args: argparse.Namespace, *, tp: int, ep: int, world_size: int
     if getattr(a, "moe_peer_num_experts", None):
         # PEER tables shard over EP, over TP, or not at all; follow the analysis layout, not the training one.
         a.moe_peer_shard = "ep" if ep > 1 and tp == 1 else "tp"
+    if (getattr(a, "moe_peer_subkey_loss_stride", 1) or 1) > 1 and not hasattr(a, "moe_peer_subkey_loss_marginals"):
+        # Saved before --moe-peer-subkey-loss-marginals existed, when a stride thinned the (then only) full
+        # marginals; the new default 'candidates' refuses a stride.
+        a.moe_peer_subkey_loss_marginals = "full"
     if not torch.cuda.is_available():
         a.bf16 = a.fp16 = False
         a.params_dtype = torch.float32

@@ -16,6 +16,7 @@ from megatron_moe_ext.balancing.losses import (
     global_batch_balance_loss,
     sequence_balance_loss,
     sequence_counts,
+    subkey_candidate_loss,
     subkey_counts,
     subkey_marginal_loss,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "max_violation_per_rank",
     "sequence_balance_loss",
     "sequence_counts",
+    "subkey_candidate_loss",
     "subkey_counts",
     "subkey_marginal_loss",
     "subkey_usage",

@@ -38,6 +38,7 @@ from megatron_moe_ext.balancing.losses import (
     global_batch_balance_loss,
     sequence_balance_loss,
     sequence_counts,
+    subkey_candidate_loss,
     subkey_marginal_loss,
 )
 from megatron_moe_ext.balancing.metrics import UsageWindow
@@ -65,6 +66,20 @@ def _token_count(valid_T: Tensor | None, T: int, device: torch.device) -> Tensor
     return valid_T.sum().long()
 
 
+def reduced_subkey_counts(
+    local_THk: Tensor, n1: int, n2: int, valid_T: Tensor | None, group
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(row_counts_Hn1, col_counts_Hn2, valid tokens) of this micro-batch, summed over ``group`` (the
+    ranks holding other tokens of the same sequences) in one all-reduce: the f of both sub-key losses."""
+    H = local_THk.shape[1]
+    with torch.no_grad():
+        rows_Hn1, cols_Hn2 = count_subkeys(local_THk, n1, n2, valid_T)
+        tokens = _token_count(valid_T, local_THk.shape[0], rows_Hn1.device)
+        packed = torch.cat([rows_Hn1.reshape(-1), cols_Hn2.reshape(-1), tokens.view(1)])
+        packed = _all_reduce(packed, group)
+    return packed[: H * n1].view(H, n1), packed[H * n1 : -1].view(H, n2), packed[-1]
+
+
 def reduced_subkey_loss(
     a_THn1: Tensor,
     b_THn2: Tensor,
@@ -76,22 +91,35 @@ def reduced_subkey_loss(
     score_stride: int = 1,
 ) -> Tensor:
     """``subkey_marginal_loss`` of this micro-batch with the row/column counts and the token count
-    summed over ``group`` (the ranks holding other tokens of the same sequences) in one all-reduce.
+    summed over ``group`` (``reduced_subkey_counts``).
 
     Shared by the product-key router and PEER layers (one implementation). ``score_stride`` s > 1
     estimates the soft marginals P from every s-th local token only (a_THn1 / b_THn2 are then the
     scores of tokens 0, s, 2s, ...: [ceil(T/s), H, n]); the counts f always cover all T tokens.
     """
-    T, H, k = local_THk.shape
-    n1, n2 = a_THn1.shape[-1], b_THn2.shape[-1]
-    with torch.no_grad():
-        rows_Hn1, cols_Hn2 = count_subkeys(local_THk, n1, n2, valid_T)
-        tokens = _token_count(valid_T, T, rows_Hn1.device)
-        packed = torch.cat([rows_Hn1.reshape(-1), cols_Hn2.reshape(-1), tokens.view(1)])
-        packed = _all_reduce(packed, group)
-    rows_Hn1, cols_Hn2 = packed[: H * n1].view(H, n1), packed[H * n1 : -1].view(H, n2)
+    rows_Hn1, cols_Hn2, tokens = reduced_subkey_counts(local_THk, a_THn1.shape[-1], b_THn2.shape[-1], valid_T, group)
     valid_scored = None if valid_T is None else valid_T[::score_stride]
-    return subkey_marginal_loss(a_THn1, b_THn2, rows_Hn1, cols_Hn2, packed[-1], k, coeff, valid_T=valid_scored)
+    return subkey_marginal_loss(a_THn1, b_THn2, rows_Hn1, cols_Hn2, tokens, local_THk.shape[-1], coeff,
+                                valid_T=valid_scored)
+
+
+def reduced_subkey_candidate_loss(
+    candidates: tuple[Tensor, Tensor, Tensor, Tensor],
+    local_THk: Tensor,
+    grid: tuple[int, int],
+    valid_T: Tensor | None,
+    coeff: float,
+    group,
+) -> Tensor:
+    """``subkey_candidate_loss`` of this micro-batch, counts reduced as in ``reduced_subkey_loss``.
+
+    candidates: (a_THk1, row_THk1, b_THk2, col_THk2) from ``product_key_topk_with_candidates`` for
+    the same local tokens; grid: (n1, n2) of one head.
+    """
+    rows_Hn1, cols_Hn2, tokens = reduced_subkey_counts(local_THk, *grid, valid_T, group)
+    a_THk1, row_THk1, b_THk2, col_THk2 = candidates
+    return subkey_candidate_loss(a_THk1, row_THk1, b_THk2, col_THk2, rows_Hn1, cols_Hn2, tokens,
+                                 local_THk.shape[-1], coeff, valid_T=valid_T)
 
 
 class BalancingMixin:

@@ -25,6 +25,23 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.utils import get_attr_wrapped_model
 
 
+def selection_bias_step(counts: torch.Tensor, rule: str = "sign") -> torch.Tensor:
+    """The update direction of auxiliary-loss-free selection biases (times the rate), per entry of the
+    last dim, from the step's all-reduced selection counts (any leading dims, e.g. heads).
+
+    'sign': sign(mean - count), Megatron's expert-bias rule (Wang et al. 2024, arXiv 2408.15664);
+    'relative': clamp((mean - count) / mean, -1, 1), proportional to the relative deviation, so the
+    steps shrink as the load nears the mean instead of flipping by the full rate around it, and
+    saturate at the sign rule's step (a bin with no selections, or twice the mean, moves by the
+    full rate; counts of zero stay defined at a million experts)."""
+    mean = counts.mean(dim=-1, keepdim=True)
+    if rule == "sign":
+        return torch.sign(mean - counts)
+    if rule == "relative":
+        return ((mean - counts) / mean.clamp(min=1e-6)).clamp(-1.0, 1.0)
+    raise ValueError(f"bias update rule {rule!r} is unknown; fix: 'sign' or 'relative'")
+
+
 def update_balancing_biases(model: list[torch.nn.Module]) -> None:
     """All-reduce every bias-balancing module's local counts in one call, then update its biases."""
     modules = [

@@ -14,7 +14,8 @@ the counts over the group their variant needs, and pass them in. Attaching a los
 
 Legend: T tokens held by this rank, S sequence length, B sequences, N routed experts, K routed top-k per
 token, D EP ranks (devices, ep_size), H product-key heads, n1 x n2 sub-key grid per head, k top-k per head
-(K = H * k), G granularity.
+(K = H * k), k1 / k2 candidate sub-keys a product-key search keeps per token, head and side (c: either),
+G granularity.
 """
 
 from __future__ import annotations
@@ -444,6 +445,81 @@ def subkey_marginal_loss(a_THn1: Tensor, b_THn2: Tensor, row_counts_Hn1: Tensor,
     row_H = (_load_fraction(row_counts_Hn1, n1, k, num_tokens, dtype) * row_sums_Hn1 / n_valid).sum(-1)
     col_H = (_load_fraction(col_counts_Hn2, n2, k, num_tokens, dtype) * col_sums_Hn2 / n_valid).sum(-1)
     return coeff * 0.5 * (row_H + col_H).mean()
+
+
+def subkey_candidate_loss(a_THk1: Tensor, row_THk1: Tensor, b_THk2: Tensor, col_THk2: Tensor,
+                          row_counts_Hn1: Tensor, col_counts_Hn2: Tensor, num_tokens: int | Tensor, k: int,
+                          coeff: float, *, valid_T: Tensor | None = None) -> Tensor:
+    """Sub-key balance loss with the soft marginals restricted to each token's retrieval candidates (this
+    project; algorithms.md section 4): :func:`subkey_marginal_loss` whose P comes from the k1 row and k2 column
+    sub-keys the product-key search kept for the token (its top-k' per side), not from all n of each side.
+
+    Each head h keeps, per token t, the candidate rows r_t,1..r_t,k1 with half scores a_t,1..a_t,k1 (and the
+    columns c_t,j with b_t,j); the token's k experts are chosen among their k1 x k2 sums. With the softmax over
+    the candidates only, pa_t,c = softmax(a_t,1..k1)_c, the row marginal of sub-key i is
+
+        P^row_h,i = mean over valid tokens t of  sum_c [r_t,c = i] * pa_t,c       (0 where i is no candidate)
+
+    (P^col likewise from b and the column candidates), f^row_h,i = n1 / (k * T) * (selections whose row is i)
+    as in :func:`subkey_marginal_loss` (T = ``num_tokens``), and
+
+        L = coeff * mean_h (1/2) * (sum_i f^row_h,i P^row_h,i + sum_j f^col_h,j P^col_h,j).
+
+    Computed as coeff * mean_h (1/2) * mean_t (sum_c f^row_h,r_t,c pa_t,c + sum_j f^col_h,c_t,j pb_t,j): f is
+    gathered at the candidates, so nothing of size [T, n] is built and the cost is O(T * H * (k1 + k2)).
+
+    Value. Each token's candidate softmax sums to 1, so sum_i P^row_h,i = 1 and L = coeff exactly when the rows
+    and the columns are balanced (f = 1), like the full loss; with k' >= n on both sides the candidates are all
+    sub-keys and L is :func:`subkey_marginal_loss`. Why restrict: at N = n^2 ~ 1M the full marginals need every
+    token's softmax over all n sub-keys, and their gradient a dense [T*H, n] x [n, D/2] product per side, as
+    much work as the retrieval's scoring itself (+11% of a PEER layer step, benchmarks/RESULTS.md). Here the
+    gradient reaches only the k' kept scores, dL/da_t,c = coeff / (2 H T_valid) * pa_t,c * (f_r_t,c -
+    sum_c' pa_t,c' f_r_t,c'), which the retrieval's sparse backward (``_HalfTopK``) already carries: it lowers
+    overloaded sub-keys against the other candidates of the same token, where the routing actually competes.
+    What it cannot do: a sub-key that is no token's candidate gets no gradient, so a dead row is not pulled up
+    directly (its overloaded rivals are pushed down towards it instead); the full marginals pull it up, at the
+    dense cost. The same grid-diagonal blind spot as :func:`subkey_marginal_loss` applies.
+
+    a_THk1 [T, H, k1], b_THk2 [T, H, k2]: each side's kept half scores (``product_key_topk_with_candidates``,
+    differentiable); row_THk1 / col_THk2: their sub-key indices, integer, in [0, n1) / [0, n2) (not range
+    checked: that would read them on the host every step; ``gather`` refuses out-of-range values).
+    row_counts_Hn1 / col_counts_Hn2: from :func:`subkey_counts`, all-reduced like ``counts_N`` in
+    :func:`expert_balance_loss`; they also give the grid (n1, n2). valid_T: False for padding tokens.
+    Returns a 0-dim tensor (fp32, fp64 for fp64 scores).
+    """
+    _check_coeff(coeff)
+    _check_scores(a_THk1, 3, "a_THk1", "[T, H, k1]")
+    _check_scores(b_THk2, 3, "b_THk2", "[T, H, k2]")
+    T, H, _ = a_THk1.shape
+    if tuple(b_THk2.shape[:2]) != (T, H):
+        raise ValueError(f"a_THk1 {tuple(a_THk1.shape)} and b_THk2 {tuple(b_THk2.shape)} disagree on [T, H]; "
+                         "fix: pass both sides' candidates of the same tokens and heads")
+    for name, idx, vals in (("row_THk1", row_THk1, a_THk1), ("col_THk2", col_THk2, b_THk2)):
+        if idx.is_floating_point() or idx.dtype == torch.bool or idx.shape != vals.shape:
+            raise ValueError(f"{name} of shape {tuple(idx.shape)} and dtype {idx.dtype}: expected integer sub-key "
+                             f"indices of the scores' shape {list(vals.shape)}; fix: pass the indices returned "
+                             "with the candidate scores by product_key_topk_with_candidates")
+    for name, counts, vals in (("row_counts_Hn1", row_counts_Hn1, a_THk1), ("col_counts_Hn2", col_counts_Hn2, b_THk2)):
+        if counts.dim() != 2 or counts.shape[0] != H or counts.shape[1] < vals.shape[2]:
+            raise ValueError(f"{name} of shape {tuple(counts.shape)}: expected [H={H}, n] with n >= the "
+                             f"{vals.shape[2]} candidates kept per token (n sub-keys on that side); fix: pass "
+                             "subkey_counts(ids, n1, n2) of the same heads")
+    n1, n2 = row_counts_Hn1.shape[1], col_counts_Hn2.shape[1]
+    _check_topk(k, n1 * n2, "n1*n2")
+    _check_num_tokens(num_tokens)
+    _check_valid(valid_T, (T,), "valid_T")
+    dtype = _compute_dtype(a_THk1)
+    f_row_Hn1 = _load_fraction(row_counts_Hn1, n1, k, num_tokens, dtype)
+    f_col_Hn2 = _load_fraction(col_counts_Hn2, n2, k, num_tokens, dtype)
+    mass_TH = _candidate_mass(a_THk1, row_THk1, f_row_Hn1) + _candidate_mass(b_THk2, col_THk2, f_col_Hn2)
+    sums_H, n_valid = _valid_sum(mass_TH, valid_T)
+    return coeff * 0.5 * (sums_H / n_valid.clamp(min=1)).mean()
+
+
+def _candidate_mass(v_THc: Tensor, idx_THc: Tensor, f_Hn: Tensor) -> Tensor:
+    """sum_c softmax(v_t,h,:)_c * f_h,idx_t,h,c: [T, H], the f-weighted mass of each token's candidate softmax."""
+    f_THc = f_Hn.unsqueeze(0).expand(v_THc.shape[0], -1, -1).gather(-1, idx_THc.long())
+    return (torch.softmax(v_THc.to(f_Hn.dtype), dim=-1) * f_THc).sum(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------

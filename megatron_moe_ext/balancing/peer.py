@@ -4,11 +4,17 @@ PEER is an MLP-slot module, not Megatron's MoELayer, so it has no router to mix 
 into; ``PEERBalancing`` is a small child module of the layer that reuses the same pieces:
 
 - loss: ``--moe-balance-losses subkey`` (same flag, coefficient and policy as the product-key
-  router) is ``attach.reduced_subkey_loss``, i.e. the one ``subkey_marginal_loss`` of
-  ``losses.py`` over each head's n row and n column sub-keys (2n counts per head, never n^2).
+  router) balances each head's n row and n column sub-keys (2n counts per head, never n^2).
   PEER heads share one pool of N = n^2 experts, and each head's ids ARE its local grid ids
-  (row * n + col), which is exactly what the loss counts. It is attached to the gates through
-  Megatron's ``MoEAuxLossAutoScaler`` and recorded in Megatron's MoE metrics tracker as
+  (row * n + col), which is exactly what the loss counts. ``--moe-peer-subkey-loss-marginals``
+  picks its soft marginals: 'candidates' (default) is ``attach.reduced_subkey_candidate_loss``
+  (``subkey_candidate_loss``: each token's softmax over the k' sub-keys per side its retrieval
+  kept, whose gradient joins the retrieval's sparse backward, O(T H k')); 'full' is
+  ``attach.reduced_subkey_loss``, the router's ``subkey_marginal_loss`` over all n sub-keys,
+  which needs dense half scores and a dense backward (+11% of the layer's step at N = 1M,
+  benchmarks/RESULTS.md), optionally on every s-th token (``--moe-peer-subkey-loss-stride``).
+  Both use the same all-reduced counts and are attached to the gates through Megatron's
+  ``MoEAuxLossAutoScaler`` and recorded in Megatron's MoE metrics tracker as
   ``subkey_balance_loss``, like ``TopKRouter.attach_and_log_load_balancing_loss`` does.
 - metrics: ``--moe-balance-metrics`` counts selections per global expert id (index_add over the
   T*K ids, O(T K)) plus the per-head row/column counts (2Hn) in one int64 buffer per layer; the
@@ -29,7 +35,8 @@ set, so the aux gradient would be neither divided by the micro-batch count nor m
 fp16 loss scale. ``set_aux_loss_scale_without_moe`` then sets it from the layer's forward with
 Megatron's own formula (``schedules._get_moe_loss_scale``); with MoE layers Megatron's value stands.
 
-Legend: T local tokens, H heads, n sub-keys per side, k top-k per head, K = H*k, N = n^2 experts.
+Legend: T local tokens, H heads, n sub-keys per side, k top-k per head, K = H*k, N = n^2 experts,
+k' = k1 = k2 candidate sub-keys kept per token, head and side.
 """
 
 from __future__ import annotations
@@ -38,12 +45,21 @@ import torch
 from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-from megatron_moe_ext.balancing.attach import _token_count, reduced_subkey_loss
+from megatron_moe_ext.balancing.attach import (
+    _token_count,
+    reduced_subkey_candidate_loss,
+    reduced_subkey_loss,
+)
 from megatron_moe_ext.balancing.losses import count_subkeys
 from megatron_moe_ext.balancing.metrics import UsageWindow
-from megatron_moe_ext.balancing.settings import LOAD_METRICS, LOSS_LOG_NAMES, PRODUCT_KEY_METRICS, balance_coefficients
+from megatron_moe_ext.balancing.settings import (
+    LOAD_METRICS,
+    LOSS_LOG_NAMES,
+    PRODUCT_KEY_METRICS,
+    balance_coefficients,
+)
 from megatron_moe_ext.balancing.step_metrics import step_load_metrics, usage_fraction
-from megatron_moe_ext.kernels.product_keys import product_key_half_scores
+from megatron_moe_ext.kernels.product_keys import Candidates, product_key_half_scores
 
 Tensor = torch.Tensor
 
@@ -90,6 +106,7 @@ class PEERBalancing(torch.nn.Module):
         )
         # Only the subkey loss applies to PEER (the others balance Megatron's routers).
         self.subkey_coeff = dict(coefficients).get("subkey", 0.0)
+        self.marginals = getattr(config, "moe_peer_subkey_loss_marginals", "candidates")
         self.score_stride = int(getattr(config, "moe_peer_subkey_loss_stride", 1) or 1)
         self.metrics = bool(getattr(config, "moe_balance_metrics", False))
         self.usage_window = int(getattr(config, "moe_balance_usage_window", 100))
@@ -112,23 +129,28 @@ class PEERBalancing(torch.nn.Module):
         return self.enabled and self.training and torch.is_grad_enabled()
 
     # -- per micro-batch -----------------------------------------------------------------------
-    def forward(self, q_THD: Tensor, subkeys: tuple[Tensor, Tensor], ids_THk: Tensor, valid_T: Tensor | None,
-                gates_TK: Tensor) -> Tensor:
+    def forward(self, q_THD: Tensor, subkeys: tuple[Tensor, Tensor], candidates: Candidates, ids_THk: Tensor,
+                valid_T: Tensor | None, gates_TK: Tensor) -> Tensor:
         """Counts this micro-batch (metrics) and attaches the subkey loss to ``gates_TK`` (returned).
 
         q_THD: the normalised queries retrieval used; subkeys: (row_keys, col_keys) [H, n, D/2] as used;
+        candidates: retrieval's (a_THk1, row_THk1, b_THk2, col_THk2) (``product_key_topk_with_candidates``);
         ids_THk: selected expert ids = row * n + col (the pool is shared: global id = local grid id).
         """
         if self.metrics:
             self._count(ids_THk, valid_T)
         if self.subkey_coeff <= 0:
             return gates_TK
-        s = self.score_stride
-        # Dense half scores [T/s, H, n] (one more bmm per side than the sparse top-k, and a dense backward).
-        a_THn, b_THn = product_key_half_scores(q_THD[::s] if s > 1 else q_THD, subkeys)
-        loss = reduced_subkey_loss(a_THn, b_THn, ids_THk, valid_T, self.subkey_coeff, self.loss_group,
-                                   score_stride=s) / _size(self.loss_group)
-        return self._attach(gates_TK, loss, valid_T, ids_THk.shape[0])
+        if self.marginals == "candidates":
+            loss = reduced_subkey_candidate_loss(candidates, ids_THk, (self.grid, self.grid), valid_T,
+                                                 self.subkey_coeff, self.loss_group)
+        else:
+            s = self.score_stride
+            # Dense half scores [T/s, H, n] (one more bmm per side than the sparse top-k, and a dense backward).
+            a_THn, b_THn = product_key_half_scores(q_THD[::s] if s > 1 else q_THD, subkeys)
+            loss = reduced_subkey_loss(a_THn, b_THn, ids_THk, valid_T, self.subkey_coeff, self.loss_group,
+                                       score_stride=s)
+        return self._attach(gates_TK, loss / _size(self.loss_group), valid_T, ids_THk.shape[0])
 
     def _attach(self, gates_TK: Tensor, loss: Tensor, valid_T: Tensor | None, T: int) -> Tensor:
         """``TopKRouter.attach_and_log_load_balancing_loss`` for a module that is not a router."""

@@ -10,8 +10,9 @@ One implementation for training and export: the Megatron layers (``layers/produc
 this file unchanged next to the remote-code model (``checkpoint/remote_code/``). So it imports torch and the
 standard library only, and never another module of this package.
 
-Legend: T tokens, H heads, K top-k, k' sub-key top-k (each side keeps min(k', n side)), n1 / n2 sub-keys per
-row / column side (n for a square grid), N = n1*n2 experts, D d_key (D2 = D/2, the sub-key width).
+Legend: T tokens, H heads, K top-k, k' sub-key top-k (each side keeps min(k', n side): k1 rows, k2 columns),
+C = k1*k2 candidate pairs, n1 / n2 sub-keys per row / column side (n for a square grid), N = n1*n2 experts,
+D d_key (D2 = D/2, the sub-key width).
 """
 
 from __future__ import annotations
@@ -115,25 +116,44 @@ def product_key_half_scores(queries_THD: Tensor, subkeys: SubKeys) -> tuple[Tens
     return _half_scores(q1_THD2, rows), _half_scores(q2_THD2, cols)
 
 
-def topk_from_half_scores(a_THn1: Tensor, b_THn2: Tensor, k: int, *, subkey_topk: int | None = None) -> tuple[Tensor, Tensor]:
+def topk_from_half_scores(
+    a_THn1: Tensor, b_THn2: Tensor, k: int, *, subkey_topk: int | None = None, expert_bias_HN: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Exact top-k of a[i] + b[j] over the n1 x n2 grid: scores_THK sorted descending, ids = i * n2 + j.
 
     Each side keeps min(subkey_topk or k, n) candidates (``subkey_topk`` >= k, as validated by
-    :func:`product_key_topk`); differentiable with respect to a and b.
+    :func:`product_key_topk`); differentiable with respect to a and b. With ``expert_bias_HN`` (one value
+    per head and expert, id = i * n2 + j) the k1 x k2 candidate pairs are ranked by a_i + b_j + bias_ij:
+    the top-k over the candidate grid, not over all N (see :func:`_combine_candidates`).
     """
     n1, n2 = a_THn1.shape[-1], b_THn2.shape[-1]
     kp = k if subkey_topk is None else subkey_topk
     k1, k2 = min(kp, n1), min(kp, n2)
     a_THk1, row_THk1 = torch.topk(a_THn1, k1, dim=-1, sorted=True)
     b_THk2, col_THk2 = torch.topk(b_THn2, k2, dim=-1, sorted=True)
-    return _combine_candidates(a_THk1, row_THk1, b_THk2, col_THk2, k, n2)
+    return _combine_candidates(a_THk1, row_THk1, b_THk2, col_THk2, k, n2, expert_bias_HN=expert_bias_HN)
 
 
-def _combine_candidates(a_THk1: Tensor, row_THk1: Tensor, b_THk2: Tensor, col_THk2: Tensor, k: int, n2: int) -> tuple[Tensor, Tensor]:
-    """Top-k of the k1 x k2 candidate sums a_i + b_j: scores_THK and ids = row * n2 + col."""
+def _combine_candidates(
+    a_THk1: Tensor, row_THk1: Tensor, b_THk2: Tensor, col_THk2: Tensor, k: int, n2: int, *,
+    expert_bias_HN: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Top-k of the k1 x k2 candidate sums a_i + b_j: scores_THK and ids = row * n2 + col.
+
+    ``expert_bias_HN`` [H, N] adds bias_ij to candidate (i, j) of each head before the top-k: a gather of
+    C values per token and head, so the cost stays O(k'^2). It can only re-rank pairs
+    inside the candidate grid (an expert whose row or column is not among the k' best of its side is never
+    reached), so the selection is the exact top-k of a + b + bias over that grid, not over all N; the
+    returned scores then include the bias (callers wanting unbiased scores re-gather a and b by id).
+    """
     k2 = b_THk2.shape[-1]
     # topk's backward scatters gradients back into a and b, hence into q, C and C'.
     cand_THC = (a_THk1.unsqueeze(-1) + b_THk2.unsqueeze(-2)).flatten(-2)
+    if expert_bias_HN is not None:
+        ids_THC = (row_THk1.unsqueeze(-1) * n2 + col_THk2.unsqueeze(-2)).flatten(-2)
+        # Indexing [H, N] by (head, id) reads only C values per token and head; nothing [T, H, N] is built.
+        heads_1H1 = torch.arange(ids_THC.shape[1], device=ids_THC.device).view(1, -1, 1)
+        cand_THC = cand_THC + expert_bias_HN.to(cand_THC.dtype)[heads_1H1, ids_THC]
     scores_THK, flat_THK = torch.topk(cand_THC, k, dim=-1, sorted=True)
     rows_THK = torch.gather(row_THk1, -1, torch.div(flat_THK, k2, rounding_mode="floor"))
     cols_THK = torch.gather(col_THk2, -1, flat_THK % k2)
@@ -169,18 +189,24 @@ def product_key_log_partition(a_THn1: Tensor, b_THn2: Tensor) -> Tensor:
 
 def biased_topk_from_half_scores(
     a_THn1: Tensor, b_THn2: Tensor, k: int, *, subkey_topk: int | None = None,
-    row_bias_Hn1: Tensor | None = None, col_bias_Hn2: Tensor | None = None,
+    row_bias_Hn1: Tensor | None = None, col_bias_Hn2: Tensor | None = None, expert_bias_HN: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Each head's exact top-k in its own n1 x n2 grid: (scores_THk, local ids_THk = row * n2 + col).
 
-    With selection biases (auxiliary-loss-free balancing, both given) the experts are chosen on the biased
-    half scores a + row_bias, b + col_bias (the search stays exact for those), and the scores returned are the
-    unbiased a_i + b_j of the chosen experts, which the gates use."""
-    if row_bias_Hn1 is None:
+    With selection biases (auxiliary-loss-free balancing) the experts are chosen on biased scores and the
+    scores returned are the unbiased a_i + b_j of the chosen experts, which the gates use. Separable biases
+    (row_bias_Hn1 and col_bias_Hn2, both given) shift the half scores, a + row_bias and b + col_bias, and
+    the search stays exact for those. A per-expert bias (``expert_bias_HN`` [H, n1*n2]) is added when the
+    k1 x k2 candidate pairs of the (biased) half scores are combined: the selection is then the exact
+    top-k of the fully biased score over that candidate grid, not over all N."""
+    if row_bias_Hn1 is None and expert_bias_HN is None:
         return topk_from_half_scores(a_THn1, b_THn2, k, subkey_topk=subkey_topk)
     with torch.no_grad():
+        sel_a_THn1, sel_b_THn2 = a_THn1, b_THn2
+        if row_bias_Hn1 is not None:
+            sel_a_THn1, sel_b_THn2 = a_THn1 + row_bias_Hn1.to(a_THn1.dtype), b_THn2 + col_bias_Hn2.to(b_THn2.dtype)
         _, local_THk = topk_from_half_scores(
-            a_THn1 + row_bias_Hn1.to(a_THn1.dtype), b_THn2 + col_bias_Hn2.to(b_THn2.dtype), k, subkey_topk=subkey_topk,
+            sel_a_THn1, sel_b_THn2, k, subkey_topk=subkey_topk, expert_bias_HN=expert_bias_HN,
         )
     n2 = b_THn2.shape[-1]
     rows_THk, cols_THk = torch.div(local_THk, n2, rounding_mode="floor"), local_THk % n2

@@ -7,10 +7,11 @@ head; nothing of size [T, N] is ever built. Kernels see tensors, never a config.
 
 The pure math (half scores, the exact top-k from them, the brute-force reference) lives in
 ``kernels/product_key_core.py``, which the Hugging Face export also ships; this module adds the training path
-(``product_key_topk``: a sparse backward and the compiled CPU scan) and re-exports the core's names.
+(``product_key_topk``: a sparse backward and the compiled CPU scan; ``product_key_topk_with_candidates`` also
+returns each side's kept sub-keys, for the PEER balance loss) and re-exports the core's names.
 
-Legend: T tokens, H heads, K top-k, k' sub-key top-k (each side keeps min(k', n side)), n1 / n2 sub-keys per
-row / column side (n for a square grid), N = n1*n2 experts, D d_key (D2 = D/2, the sub-key width).
+Legend: T tokens, H heads, K top-k, k' sub-key top-k (each side keeps min(k', n side): k1 rows, k2 columns),
+n1 / n2 sub-keys per row / column side (n for a square grid), N = n1*n2 experts, D d_key (D2 = D/2, the sub-key width).
 """
 
 from __future__ import annotations
@@ -76,6 +77,28 @@ class _HalfTopK(torch.autograd.Function):
         return dq, dkeys, None
 
 
+Candidates = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def product_key_topk_with_candidates(
+    queries_THD: Tensor, subkeys: SubKeys, k: int, *, subkey_topk: int | None = None
+) -> tuple[Tensor, Tensor, Candidates]:
+    """:func:`product_key_topk` plus each side's kept sub-keys: ``(scores_THK, ids_THK, candidates)``.
+
+    candidates = (a_THk1, row_THk1, b_THk2, col_THk2): per side the top-k' half scores (sorted descending,
+    differentiable through the same sparse backward as the scores) and their sub-key indices (int64, in
+    [0, n1) / [0, n2)). Retrieval computes them anyway; a balance loss built on them adds its gradient to
+    the k' kept values, so it costs O(k') per token and head instead of a dense pass over all n sub-keys.
+    """
+    rows, cols = _split_subkeys(subkeys)
+    k1, k2 = _validate(queries_THD, rows, cols, k, subkey_topk)
+    q1_THD2, q2_THD2 = queries_THD.chunk(2, dim=-1)
+    a_THk1, row_THk1 = _HalfTopK.apply(q1_THD2, rows, k1)
+    b_THk2, col_THk2 = _HalfTopK.apply(q2_THD2, cols, k2)
+    scores_THK, ids_THK = _combine_candidates(a_THk1, row_THk1, b_THk2, col_THk2, k, cols.shape[-2])
+    return scores_THK, ids_THK, (a_THk1, row_THk1, b_THk2, col_THk2)
+
+
 def product_key_topk(queries_THD: Tensor, subkeys: SubKeys, k: int, *, subkey_topk: int | None = None) -> tuple[Tensor, Tensor]:
     """Exact top-k over the n1*n2 product keys in O((n1 + n2 + k'^2) D) per token and head.
 
@@ -86,9 +109,5 @@ def product_key_topk(queries_THD: Tensor, subkeys: SubKeys, k: int, *, subkey_to
     Returns scores_THK sorted descending (differentiable w.r.t. queries and sub-keys, with a sparse
     backward through the kept sub-keys only; dtype of the inputs) and ids_THK int64 = row * n2 + col.
     """
-    rows, cols = _split_subkeys(subkeys)
-    k1, k2 = _validate(queries_THD, rows, cols, k, subkey_topk)
-    q1_THD2, q2_THD2 = queries_THD.chunk(2, dim=-1)
-    a_THk1, row_THk1 = _HalfTopK.apply(q1_THD2, rows, k1)
-    b_THk2, col_THk2 = _HalfTopK.apply(q2_THD2, cols, k2)
-    return _combine_candidates(a_THk1, row_THk1, b_THk2, col_THk2, k, cols.shape[-2])
+    scores_THK, ids_THK, _ = product_key_topk_with_candidates(queries_THD, subkeys, k, subkey_topk=subkey_topk)
+    return scores_THK, ids_THK

@@ -55,7 +55,7 @@ from megatron.core.utils import log_single_rank
 from megatron_moe_ext.balancing.peer import PEERBalancing
 from megatron_moe_ext.kernels.peer_experts import peer_experts
 from megatron_moe_ext.kernels.peer_reference import peer_gates, uniform_offsets
-from megatron_moe_ext.kernels.product_keys import product_key_topk
+from megatron_moe_ext.kernels.product_keys import product_key_topk_with_candidates
 from megatron_moe_ext.layers.query_norm import QueryNorm
 from megatron_moe_ext.peer_settings import check_peer_parallel, peer_layout, table_shard
 from megatron_moe_ext.runtime.huge_pages import empty_huge
@@ -211,13 +211,16 @@ class PEERLayer(MegatronModule):
         q_THD = torch.nn.functional.linear(x_Th, self.query_weight.to(x_Th.dtype)).view(-1, H, D)
         q_THD = self.query_norm(q_THD, valid_T).float()
         subkeys = (self.row_keys.float(), self.col_keys.float())
-        scores_THk, ids_THk = product_key_topk(q_THD, subkeys, k, subkey_topk=self.layout.subkey_topk)
+        # The per-side candidates feed the default subkey loss (its gradient joins their sparse backward).
+        scores_THk, ids_THk, candidates = product_key_topk_with_candidates(
+            q_THD, subkeys, k, subkey_topk=self.layout.subkey_topk
+        )
         gates_THk = peer_gates(scores_THk, self.gate)
         T = x_Th.shape[0]
         gates_TK = gates_THk.reshape(T, H * k)
         if self.balancing is not None and self.balancing.active():
             # Balance loss attached to the gates (Megatron's aux-loss autoscaler), step load counted.
-            gates_TK = self.balancing(q_THD, subkeys, ids_THk, valid_T, gates_TK)
+            gates_TK = self.balancing(q_THD, subkeys, candidates, ids_THk, valid_T, gates_TK)
         return ids_THk.reshape(T, H * k), gates_TK
 
     # -- experts -------------------------------------------------------------------------------

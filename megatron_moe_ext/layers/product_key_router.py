@@ -33,6 +33,15 @@ and, after each step (``finalize_model_grads_with_balancing``), all-reduced over
 tensor+data+context group and turned into bias += rate * sign(mean - count): 2n counts per head
 instead of n^2 expert counts, which stay meaningful at a million experts.
 
+Row and column biases balance the rows and the columns, not the experts: a token's affinity for
+a (row, column) pair that the separable scores a_i + b_j do not explain (measured on the tiny
+model: rows and columns within 2% of their mean while one expert carries 2x its share) is beyond
+them. ``moe_pk_expert_bias_balancing`` adds a per-expert bias [H, n1*n2] where the k'1 x k'2
+candidate pairs are combined (``_combine_candidates``): the selection is the top-k of
+(a_i + r_i) + (b_j + c_j) + e_ij over the candidate grid (exact over all N only when k' covers
+the grid), the gates stay unbiased, and e follows Megatron's expert-bias rule from the N
+all-reduced per-expert counts, in the same all-reduce as the row and column counts.
+
 Legend: S sequence, B micro-batch, T = S*B tokens, h hidden, H heads, D key dim (D2 = D/2),
 n1 x n2 grid per head, N experts, K top-k of the token (k = K/H per head).
 """
@@ -52,6 +61,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe_ext.balancing.attach import BalancingMixin
+from megatron_moe_ext.balancing.bias_update import selection_bias_step
 from megatron_moe_ext.balancing.losses import count_subkeys
 from megatron_moe_ext.kernels.product_key_core import (
     biased_topk_from_half_scores,
@@ -132,12 +142,16 @@ class ProductKeyRouter(BalancingMixin, TopKRouter):
             stats_group=self.tp_dp_cp_group, sequence_parallel=sp,
         )
         self.bias_balancing = bool(getattr(config, "moe_pk_bias_balancing", False))
+        self.expert_bias_balancing = bool(getattr(config, "moe_pk_expert_bias_balancing", False))
+        # fp32 buffers like Megatron's expert_bias (kept fp32 in forward under Float16Module).
         if self.bias_balancing:
-            # fp32 buffers like Megatron's expert_bias (kept fp32 in forward under Float16Module).
             self.register_buffer("row_bias", torch.zeros(H, self.layout.rows))
             self.register_buffer("col_bias", torch.zeros(H, self.layout.cols))
             self.register_buffer("local_row_counts", torch.zeros(H, self.layout.rows), persistent=False)
             self.register_buffer("local_col_counts", torch.zeros(H, self.layout.cols), persistent=False)
+        if self.expert_bias_balancing:
+            self.register_buffer("pk_expert_bias", torch.zeros(H, self.layout.pool_size))
+            self.register_buffer("local_expert_counts", torch.zeros(H, self.layout.pool_size), persistent=False)
         self.noisy = bool(getattr(config, "moe_router_noisy_gating", False))
         if self.noisy:
             self.noise_row_weight = torch.nn.Parameter(torch.zeros(H * self.layout.rows, config.hidden_size))
@@ -185,42 +199,78 @@ class ProductKeyRouter(BalancingMixin, TopKRouter):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each head's exact top-k in its own pool: logits_TK and global expert ids_TK (with bias
         balancing: selected on the biased half scores, logits unbiased, selections counted)."""
-        if self.bias_balancing:
+        balancing = self.bias_balancing or self.expert_bias_balancing
+        if balancing:
             self._keep_bias_fp32()
         scores_THk, local_THk = biased_topk_from_half_scores(
             a_THn1, b_THn2, self.layout.k, subkey_topk=self.layout.subkey_topk,
             row_bias_Hn1=self.row_bias if self.bias_balancing else None,
             col_bias_Hn2=self.col_bias if self.bias_balancing else None,
+            expert_bias_HN=self.pk_expert_bias if self.expert_bias_balancing else None,
         )
-        if self.bias_balancing and self.training and torch.is_grad_enabled():  # not in eval, nor in recompute
+        if balancing and self.training and torch.is_grad_enabled():  # not in eval, nor in recompute
             self._count_selections(local_THk, valid_T)
         return scores_THk.reshape(scores_THk.shape[0], -1), pooled_expert_ids(local_THk, self.layout.pool_size)
 
+    def _bias_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(selection bias, its local count buffer) of every active bias, in update order."""
+        pairs = []
+        if self.bias_balancing:
+            pairs += [(self.row_bias, self.local_row_counts), (self.col_bias, self.local_col_counts)]
+        if self.expert_bias_balancing:
+            pairs.append((self.pk_expert_bias, self.local_expert_counts))
+        return pairs
+
     def _keep_bias_fp32(self) -> None:
-        for name in ("row_bias", "col_bias", "local_row_counts", "local_col_counts"):
-            buf = getattr(self, name)
-            if buf.dtype != torch.float32:
-                buf.data = buf.data.float()
+        for bias, counts in self._bias_buffers():
+            for buf in (bias, counts):
+                if buf.dtype != torch.float32:
+                    buf.data = buf.data.float()
+
+    def _maintain_float32_expert_bias(self) -> None:
+        """TopKRouter calls this before saving and loading its state (and in its forward): our
+        selection biases too are saved and loaded in fp32, so a bf16 model (Float16Module casts
+        buffers) does not round them on resume."""
+        super()._maintain_float32_expert_bias()
+        if hasattr(self, "expert_bias_balancing"):  # not during Router.__init__
+            self._keep_bias_fp32()
 
     @torch.no_grad()
     def _count_selections(self, local_THk: torch.Tensor, valid_T: torch.Tensor | None) -> None:
-        rows_Hn1, cols_Hn2 = count_subkeys(local_THk, self.layout.rows, self.layout.cols, valid_T)
-        self.local_row_counts += rows_Hn1
-        self.local_col_counts += cols_Hn2
+        if self.bias_balancing:
+            rows_Hn1, cols_Hn2 = count_subkeys(local_THk, self.layout.rows, self.layout.cols, valid_T)
+            self.local_row_counts += rows_Hn1
+            self.local_col_counts += cols_Hn2
+        if self.expert_bias_balancing:
+            T, H, k = local_THk.shape
+            pool = self.layout.pool_size
+            weight_THk = (torch.ones(T, H, k, device=local_THk.device) if valid_T is None
+                          else valid_T.view(T, 1, 1).expand(T, H, k).float())
+            heads_1H1 = torch.arange(H, device=local_THk.device).view(1, H, 1)
+            self.local_expert_counts.view(-1).index_add_(
+                0, (local_THk + heads_1H1 * pool).reshape(-1), weight_THk.reshape(-1)
+            )
 
     def balancing_counts(self) -> list[torch.Tensor]:
-        """The local selection counts a step's bias update reduces (rows, columns)."""
-        return [self.local_row_counts, self.local_col_counts] if self.bias_balancing else []
+        """The local selection counts a step's bias update reduces (rows and columns with
+        ``moe_pk_bias_balancing``, then experts with ``moe_pk_expert_bias_balancing``)."""
+        return [counts for _, counts in self._bias_buffers()]
 
     @torch.no_grad()
-    def apply_bias_update(self, row_counts_Hn1: torch.Tensor, col_counts_Hn2: torch.Tensor) -> None:
-        """bias += rate * sign(mean - count) per head and side, from all-reduced counts; resets the
-        local counts (Megatron's expert-bias rule, per sub-key)."""
+    def apply_bias_update(self, *reduced_counts: torch.Tensor) -> None:
+        """bias += rate * step(counts) per head for every active bias (rows and columns: per sub-key;
+        experts: per expert of the head's pool), from the all-reduced counts in ``balancing_counts``
+        order; step is ``moe_pk_bias_update_rule`` (``selection_bias_step``; default Megatron's
+        sign(mean - count)). Resets the local counts."""
+        pairs = self._bias_buffers()
+        if len(reduced_counts) != len(pairs):
+            raise ValueError(f"apply_bias_update got {len(reduced_counts)} count tensors, this router keeps "
+                             f"{len(pairs)} biases; fix: pass the all-reduced balancing_counts(), in order")
         rate = self.config.moe_router_bias_update_rate
-        for bias, counts in ((self.row_bias, row_counts_Hn1), (self.col_bias, col_counts_Hn2)):
-            bias.add_(torch.sign(counts.mean(dim=-1, keepdim=True) - counts) * rate)
-        self.local_row_counts.zero_()
-        self.local_col_counts.zero_()
+        rule = getattr(self.config, "moe_pk_bias_update_rule", "sign")
+        for (bias, local), counts in zip(pairs, reduced_counts):
+            bias.add_(selection_bias_step(counts, rule) * rate)
+            local.zero_()
 
     def gates(self, logits_TK: torch.Tensor, logz_T: torch.Tensor | None) -> torch.Tensor:
         """Megatron's gate functions, over the selected logits of each token."""

@@ -1,5 +1,6 @@
 """PEER balancing on 2 gloo ranks against one rank, through Megatron's schedule, DDP and the finalize
-hook: with the subkey loss on, TP=2 (dense model, tokens replicated on TP ranks) and TP=2 + SP (tokens
+hook: with the subkey loss on (the default candidate marginals, k' = 4 of n = 8 sub-keys per side;
+the full marginals under SP), TP=2 (dense model, tokens replicated on TP ranks) and TP=2 + SP (tokens
 sharded, counts all-reduced over TP) give the single rank's loss and every gradient shard; with DP=2
 the step metrics (counts all-reduced over DP) equal the single rank's on the whole batch. The subkey
 loss itself is per micro-batch and rank (like the router's 'expert' loss), so its DP gradient is
@@ -27,9 +28,13 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_peer_subkey_loss_parallel_matches_single_rank(case: str) -> None:
+# The default marginals in both layouts; the full ones (they share the counts' all-reduce and the loss
+# scaling with the default) only under SP, the layout where the counts are all-reduced: one case fewer.
+@pytest.mark.parametrize("case, marginals", [("tp2_dense", "candidates"), ("tp2_sp", "candidates"),
+                                             ("tp2_sp", "full")])
+def test_peer_subkey_loss_parallel_matches_single_rank(case: str, marginals: str) -> None:
     base, extra, parallel = CASES[case]
+    base = {**base, "moe_peer_subkey_loss_marginals": marginals}
     (ref,) = run_distributed(reference_step, 1, base)
     results = run_distributed(parallel_step, 2, {**base, **extra}, parallel, ref["state"])
     assert_parity(ref, results)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_parity import assert_parity, parallel_step, reference_step
 
 from megatron_moe_ext.testing import run_distributed
-from test_parity import assert_parity, parallel_step, reference_step
 
 HIDDEN = 32
 TOKENS = (6, 3)  # [S, B]
@@ -22,10 +22,10 @@ TOKENS = (6, 3)  # [S, B]
 def _router_config(**overrides):
     from megatron_moe_ext.testing.tiny import tiny_config
 
-    values = dict(
-        num_moe_experts=16, moe_router_topk=2, moe_router_type="product_key", moe_pk_key_dim=8,
-        moe_pk_query_norm="none",
-    )
+    values = {
+        "num_moe_experts": 16, "moe_router_topk": 2, "moe_router_type": "product_key", "moe_pk_key_dim": 8,
+        "moe_pk_query_norm": "none",
+    }
     values.update(overrides)
     return tiny_config(**values)
 
@@ -347,14 +347,25 @@ def _max_violation(counts: torch.Tensor) -> float:
     return float((counts.max() - counts.mean()) / counts.mean())
 
 
-def bias_balancing_run(steps: int) -> dict:
-    """A router fed a skewed batch, its separable biases updated after every 'step'."""
+BIAS_KINDS = {
+    "separable": {"moe_pk_bias_balancing": True},
+    "expert": {"moe_pk_expert_bias_balancing": True},
+    "separable+expert": {"moe_pk_bias_balancing": True, "moe_pk_expert_bias_balancing": True},
+}
+
+
+def _bias_abs(router) -> float:
+    return float(sum(bias.abs().sum() for bias, _ in router._bias_buffers()))
+
+
+def bias_balancing_run(steps: int, kind: str = "separable") -> dict:
+    """A router fed a skewed batch, its selection biases updated after every 'step'."""
     from megatron_moe_ext.balancing.bias_update import update_balancing_biases
 
     _init_parallel()
     torch.manual_seed(11)
-    config = _router_config(num_moe_experts=64, moe_router_topk=2, moe_pk_bias_balancing=True,
-                            moe_router_bias_update_rate=1e-2)
+    config = _router_config(num_moe_experts=64, moe_router_topk=2, moe_router_bias_update_rate=1e-2,
+                            **BIAS_KINDS[kind])
     router = ProductKeyRouterFactory(config)
     x = torch.randn(64, 4, HIDDEN) + 2.0  # a shared offset: most tokens prefer the same experts
     history = []
@@ -369,40 +380,140 @@ def bias_balancing_run(steps: int) -> dict:
         full_TN = (a.unsqueeze(-1) + b.unsqueeze(-2)).reshape(a.shape[0], -1)
         chosen = full_TN.masked_fill(~routing_map, float("-inf"))
         expected = torch.softmax(chosen, dim=-1)
-    return {"history": history, "probs": probs, "expected": expected,
-            "bias_abs": float(router.row_bias.abs().sum() + router.col_bias.abs().sum())}
+    return {"history": history, "probs": probs, "expected": expected, "bias_abs": _bias_abs(router)}
 
 
-def test_separable_bias_balancing_lowers_max_violation_with_unbiased_gates() -> None:
-    (got,) = run_distributed(bias_balancing_run, 1, 300)
+@pytest.mark.parametrize("kind", ["separable", "separable+expert"])
+def test_bias_balancing_lowers_max_violation_with_unbiased_gates(kind: str) -> None:
+    (got,) = run_distributed(bias_balancing_run, 1, 300, kind)
     before, after = got["history"][0], min(got["history"][-20:])
-    print(f"MaxVio before {before:.3f}, after 300 updates {after:.3f}")
+    print(f"{kind}: MaxVio before {before:.3f}, after 300 updates {after:.3f}")
     assert got["bias_abs"] > 0
     assert after <= 0.5 * before, got["history"][::30]
     torch.testing.assert_close(got["probs"], got["expected"], rtol=1e-5, atol=1e-6)
 
 
-def bias_update_shard(x_TH: torch.Tensor) -> dict:
-    """One update from this rank's share of the tokens (counts all-reduced over the DP group)."""
+def bias_update_shard(x_STH: torch.Tensor) -> dict:
+    """Row, column and per-expert biases after one update per step, each from this rank's share of
+    the step's tokens x_STH[s] (counts all-reduced over the DP group), with 2 micro-batches per step."""
     import torch.distributed as dist
 
     from megatron_moe_ext.balancing.bias_update import update_balancing_biases
 
     _init_parallel()
     torch.manual_seed(12)
-    router = ProductKeyRouterFactory(_router_config(num_moe_experts=64, moe_pk_bias_balancing=True))
-    mine = torch.chunk(x_TH, dist.get_world_size())[dist.get_rank()]
-    router(mine.unsqueeze(1))
-    update_balancing_biases([router])
-    return {"row": router.row_bias.clone(), "col": router.col_bias.clone()}
+    router = ProductKeyRouterFactory(_router_config(num_moe_experts=64, moe_router_bias_update_rate=1e-2,
+                                                    **BIAS_KINDS["separable+expert"]))
+    history = []
+    for x_TH in x_STH:
+        mine_TH = torch.chunk(x_TH, dist.get_world_size())[dist.get_rank()]
+        for micro_TH in torch.chunk(mine_TH, 2):
+            router(micro_TH.unsqueeze(1))
+        update_balancing_biases([router])
+        history.append({"row": router.row_bias.clone(), "col": router.col_bias.clone(),
+                        "expert": router.pk_expert_bias.clone()})
+    return {"history": history, "counts_left": float(sum(c.abs().sum() for c in router.balancing_counts()))}
 
 
 @pytest.mark.world_size(2)
 def test_bias_update_under_data_parallelism_equals_single_rank(distributed) -> None:
-    x = torch.randn(48, HIDDEN) + 1.0
-    (single,) = run_distributed(bias_update_shard, 1, x)
-    ranks = distributed(bias_update_shard, x)
-    assert single["row"].abs().sum() > 0
+    x_STH = torch.randn(3, 48, HIDDEN) + 1.0
+    (single,) = run_distributed(bias_update_shard, 1, x_STH)
+    ranks = distributed(bias_update_shard, x_STH)
+    last = single["history"][-1]
+    assert last["row"].abs().sum() > 0 and last["expert"].abs().sum() > 0
+    # Later steps see the earlier updates: the expert bias moved in both directions, not just once.
+    assert not torch.equal(single["history"][0]["expert"] * 3, last["expert"])
     for r in ranks:
-        torch.testing.assert_close(r["row"], single["row"])
-        torch.testing.assert_close(r["col"], single["col"])
+        assert r["counts_left"] == 0.0  # local counts reset after each update
+        for step_single, step_rank in zip(single["history"], r["history"], strict=True):
+            for name in ("row", "col", "expert"):
+                torch.testing.assert_close(step_rank[name], step_single[name], rtol=0, atol=0)
+
+
+def save_router_biases(ckpt_dir: str, parallel: dict) -> dict:
+    """A tiny GPT with product keys and both bias kinds, biases set to known values, saved with torch_dist."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_moe_ext.testing.tiny import (
+        build_tiny_gpt,
+        full_logits,
+        initialize_parallel,
+        make_batches,
+        parallel_sizes,
+    )
+
+    initialize_parallel(seed=5, **parallel)
+    config = _router_config(sequence_parallel=parallel.get("tp", 1) > 1,
+                            **parallel_sizes(**parallel), **BIAS_KINDS["separable+expert"])
+    model = build_tiny_gpt(config)
+    g = torch.Generator().manual_seed(21)  # the same values on every rank: the biases are replicated
+    biases = {}
+    for name, buf in model.named_buffers():
+        if name.endswith(("row_bias", "col_bias", "pk_expert_bias")):
+            buf.copy_(torch.randn(buf.shape, generator=g))
+            biases[name] = buf.clone()
+    dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)
+    return {"biases": biases, "logits": full_logits(model, make_batches(1, batch_size=2, seed=11)[0])}
+
+
+def load_router_biases(ckpt_dir: str, parallel: dict) -> dict:
+    from megatron.core import dist_checkpointing
+
+    from megatron_moe_ext.testing.tiny import (
+        build_tiny_gpt,
+        full_logits,
+        initialize_parallel,
+        make_batches,
+        parallel_sizes,
+    )
+
+    initialize_parallel(seed=77, **parallel)
+    config = _router_config(sequence_parallel=parallel.get("tp", 1) > 1,
+                            **parallel_sizes(**parallel), **BIAS_KINDS["separable+expert"])
+    model = build_tiny_gpt(config)
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir))
+    biases = {name: buf.clone() for name, buf in model.named_buffers()
+              if name.endswith(("row_bias", "col_bias", "pk_expert_bias"))}
+    return {"biases": biases, "logits": full_logits(model, make_batches(1, batch_size=2, seed=11)[0])}
+
+
+@pytest.mark.parametrize(("save_parallel", "load_parallel"), [({"tp": 2, "ep": 2}, {}), ({}, {"tp": 2, "ep": 2})])
+def test_selection_biases_checkpoint_round_trip_across_parallelism(tmp_path, save_parallel, load_parallel) -> None:
+    ckpt = str(tmp_path / "ckpt")
+    (tmp_path / "ckpt").mkdir()
+    saved = run_distributed(save_router_biases, 2 if save_parallel else 1, ckpt, save_parallel)
+    loaded = run_distributed(load_router_biases, 2 if load_parallel else 1, ckpt, load_parallel)
+    names = set(saved[0]["biases"])
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"row_bias", "col_bias", "pk_expert_bias"}
+    assert any(n.endswith("pk_expert_bias") and saved[0]["biases"][n].shape == (1, 16) for n in names)
+    for got in loaded:
+        assert set(got["biases"]) == names
+        for name in names:
+            torch.testing.assert_close(got["biases"][name], saved[0]["biases"][name], rtol=0, atol=0)
+        # The loaded biases select the same experts, so the logits equal the saved model's.
+        torch.testing.assert_close(got["logits"], saved[0]["logits"], rtol=1e-5, atol=1e-5)
+
+
+def bf16_bias_resume() -> dict:
+    """Biases saved from an fp32 router, loaded into a fresh router whose buffers a bf16 wrapper cast."""
+    _init_parallel()
+    config = _router_config(**BIAS_KINDS["separable+expert"])
+    source = ProductKeyRouterFactory(config)
+    g = torch.Generator().manual_seed(5)
+    for bias, _ in source._bias_buffers():
+        bias.copy_(1.0 + 1e-3 * torch.randn(bias.shape, generator=g))  # steps of 1e-3 that bf16 would round away
+    state = source.state_dict()
+    target = ProductKeyRouterFactory(config).to(torch.bfloat16)  # what Float16Module does to buffers
+    target.load_state_dict(state)
+    return {"saved": {n: state[n] for n in ("row_bias", "col_bias", "pk_expert_bias")},
+            "loaded": {n: getattr(target, n).clone() for n in ("row_bias", "col_bias", "pk_expert_bias")},
+            "saved_from_bf16": {n: v.dtype for n, v in target.state_dict().items() if n.endswith("bias")}}
+
+
+def test_selection_biases_stay_fp32_through_a_bf16_resume() -> None:
+    (got,) = run_distributed(bf16_bias_resume, 1)
+    for name, saved in got["saved"].items():
+        assert saved.dtype == torch.float32
+        torch.testing.assert_close(got["loaded"][name], saved, rtol=0, atol=0)
+    assert set(got["saved_from_bf16"].values()) == {torch.float32}

@@ -29,6 +29,7 @@ from megatron_moe_ext.balancing import (
     max_violation_per_rank,
     sequence_balance_loss,
     sequence_counts,
+    subkey_candidate_loss,
     subkey_counts,
     subkey_marginal_loss,
     subkey_usage,
@@ -213,6 +214,8 @@ def test_gradcheck_every_loss() -> None:
     rows_Hn1, cols_Hn2 = subkey_counts(ids_THk, n1, n2, valid_T=valid_T)
     assert check(lambda a, b: subkey_marginal_loss(a, b, rows_Hn1, cols_Hn2, T, k, COEFF, valid_T=valid_T),
                  (a_THn1, b_THn2))
+    assert check(lambda a, b: subkey_candidate_loss(*_candidates(a, b, 2), rows_Hn1, cols_Hn2, T, k, COEFF,
+                                                    valid_T=valid_T), (a_THn1, b_THn2))
 
 
 def test_device_loss_equals_expert_loss_when_each_rank_holds_one_expert() -> None:
@@ -374,6 +377,76 @@ def test_subkey_marginal_loss_matches_full_softmax_brute_force() -> None:
         torch.testing.assert_close(g_got, g_ref, rtol=1e-12, atol=1e-16)
 
 
+def _candidates(a_THn1: torch.Tensor, b_THn2: torch.Tensor, kp: int) -> tuple[torch.Tensor, ...]:
+    """Each side's top-kp half scores and indices (what the product-key search keeps), differentiable."""
+    a_THk1, row_THk1 = a_THn1.topk(kp, dim=-1)
+    b_THk2, col_THk2 = b_THn2.topk(kp, dim=-1)
+    return a_THk1, row_THk1, b_THk2, col_THk2
+
+
+def test_subkey_candidate_loss_matches_explicit_candidate_marginals() -> None:
+    T, H, n1, n2, k, kp = 10, 2, 5, 4, 2, 3
+    a_THn1 = torch.randn(T, H, n1, generator=gen(71), dtype=f64, requires_grad=True)
+    b_THn2 = torch.randn(T, H, n2, generator=gen(72), dtype=f64, requires_grad=True)
+    valid_T = torch.arange(T) % 4 != 1
+    _, ids_THk = topk_from_half_scores(a_THn1.detach(), b_THn2.detach(), k, subkey_topk=kp)
+    rows_Hn1, cols_Hn2 = subkey_counts(ids_THk, n1, n2, valid_T=valid_T)
+
+    def explicit(a, b):
+        # P built as a dense [T, H, n] tensor: each token's candidate softmax scattered onto its sub-keys.
+        a_THk1, row_THk1, b_THk2, col_THk2 = _candidates(a, b, kp)
+        pa_THn1 = torch.zeros(T, H, n1, dtype=f64).scatter(-1, row_THk1, torch.softmax(a_THk1, -1))
+        pb_THn2 = torch.zeros(T, H, n2, dtype=f64).scatter(-1, col_THk2, torch.softmax(b_THk2, -1))
+        n = valid_T.sum().to(f64)
+        P_row_Hn1, P_col_Hn2 = pa_THn1[valid_T].sum(0) / n, pb_THn2[valid_T].sum(0) / n
+        f_row, f_col = rows_Hn1 * n1 / (k * n), cols_Hn2 * n2 / (k * n)
+        return COEFF * 0.5 * ((f_row * P_row_Hn1).sum(-1) + (f_col * P_col_Hn2).sum(-1)).mean()
+
+    ref = explicit(a_THn1, b_THn2)
+    got = subkey_candidate_loss(*_candidates(a_THn1, b_THn2, kp), rows_Hn1, cols_Hn2, int(valid_T.sum()), k, COEFF,
+                                valid_T=valid_T)
+    torch.testing.assert_close(got, ref, rtol=1e-13, atol=0)
+    grads = torch.autograd.grad(got, (a_THn1, b_THn2))
+    for g_got, g_ref in zip(grads, torch.autograd.grad(ref, (a_THn1, b_THn2))):
+        torch.testing.assert_close(g_got, g_ref, rtol=1e-12, atol=1e-16)
+    # Only the kept sub-keys carry gradient (O(k') per token and side), and padding tokens none.
+    for g in grads:
+        assert int((g != 0).sum(-1).max()) <= kp and not bool(g[~valid_T].any())
+
+
+def test_subkey_candidate_loss_with_every_subkey_kept_is_the_full_marginal_loss() -> None:
+    T, H, n1, n2, k = 12, 3, 4, 6, 3
+    a_THn1 = torch.randn(T, H, n1, generator=gen(73), dtype=f64, requires_grad=True)
+    b_THn2 = torch.randn(T, H, n2, generator=gen(74), dtype=f64, requires_grad=True)
+    valid_T = torch.arange(T) % 5 != 2
+    _, ids_THk = topk_from_half_scores(a_THn1.detach(), b_THn2.detach(), k, subkey_topk=n2)
+    counts = subkey_counts(ids_THk, n1, n2, valid_T=valid_T)
+    a_THk1, row_THk1 = a_THn1.topk(n1, dim=-1)
+    b_THk2, col_THk2 = b_THn2.topk(n2, dim=-1)
+    got = subkey_candidate_loss(a_THk1, row_THk1, b_THk2, col_THk2, *counts, int(valid_T.sum()), k, COEFF,
+                                valid_T=valid_T)
+    ref = subkey_marginal_loss(a_THn1, b_THn2, *counts, int(valid_T.sum()), k, COEFF, valid_T=valid_T)
+    torch.testing.assert_close(got, ref, rtol=1e-13, atol=0)
+    for g_got, g_ref in zip(torch.autograd.grad(got, (a_THn1, b_THn2)), torch.autograd.grad(ref, (a_THn1, b_THn2))):
+        torch.testing.assert_close(g_got, g_ref, rtol=1e-12, atol=1e-16)
+
+
+@pytest.mark.parametrize("n1, n2, H, k, kp", [(4, 4, 1, 1, 1), (8, 2, 2, 4, 2), (16, 16, 2, 4, 6)])
+def test_subkey_candidate_loss_equals_coeff_at_perfect_balance(n1: int, n2: int, H: int, k: int, kp: int) -> None:
+    N = n1 * n2
+    T = 2 * N // math.gcd(N, k)
+    q_THk = (torch.arange(T).view(T, 1, 1) * k + torch.arange(k).view(1, 1, k) + torch.arange(H).view(1, H, 1)) % N
+    ids_THk = (q_THk % n1) * n2 + q_THk // n1
+    rows_Hn1, cols_Hn2 = subkey_counts(ids_THk, n1, n2)
+    assert torch.all(rows_Hn1 == T * k // n1) and torch.all(cols_Hn2 == T * k // n2)
+    # Any candidates, any scores: every token's candidate softmax sums to 1 and f = 1 everywhere.
+    a_THn1 = torch.randn(T, H, n1, generator=gen(75), dtype=f64)
+    b_THn2 = torch.randn(T, H, n2, generator=gen(76), dtype=f64)
+    cand = _candidates(a_THn1, b_THn2, min(kp, n2))
+    got = subkey_candidate_loss(*cand, rows_Hn1, cols_Hn2, T, k, COEFF)
+    torch.testing.assert_close(got, torch.tensor(COEFF, dtype=f64), rtol=1e-12, atol=0)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Coefficient policy across granularity: measured router gradient norms
 # ----------------------------------------------------------------------------------------------------------
@@ -493,6 +566,7 @@ _c = expert_counts(_m)
 _a, _b = torch.zeros(4, 2, 3, dtype=f64), torch.zeros(4, 2, 4, dtype=f64)
 _rc, _cc = torch.ones(2, 3), torch.ones(2, 4)
 _ids = torch.zeros(4, 2, 2, dtype=torch.long)
+_ir, _ic = torch.arange(3).expand(4, 2, 3), torch.arange(4).expand(4, 2, 4)  # all sub-keys as candidates
 
 BAD_CALLS = {
     "negative coeff": (lambda: expert_balance_loss(_s, _c, 4, 2, -0.1), "coeff=-0.1"),
@@ -539,6 +613,21 @@ BAD_CALLS = {
     "marginal k > n1*n2": (lambda: subkey_marginal_loss(_a, _b, _rc, _cc, 4, 13, COEFF), "topk=13"),
     "marginal coeff": (lambda: subkey_marginal_loss(_a, _b, _rc, _cc, 4, 2, -1.0), "coeff=-1.0"),
     "marginal num_tokens": (lambda: subkey_marginal_loss(_a, _b, _rc, _cc, -3, 2, COEFF), "num_tokens=-3"),
+    "candidate T/H mismatch": (lambda: subkey_candidate_loss(_a, _ir, _b[:3], _ic[:3], _rc, _cc, 4, 2, COEFF),
+                               r"disagree on \[T, H\]"),
+    "candidate float ids": (lambda: subkey_candidate_loss(_a, _ir.double(), _b, _ic, _rc, _cc, 4, 2, COEFF),
+                            r"row_THk1 .* expected integer"),
+    "candidate ids shape": (lambda: subkey_candidate_loss(_a, _ir, _b, _ic[..., :2], _rc, _cc, 4, 2, COEFF),
+                            r"col_THk2 of shape \(4, 2, 2\)"),
+    "candidate counts heads": (lambda: subkey_candidate_loss(_a, _ir, _b, _ic, _rc[:1], _cc, 4, 2, COEFF),
+                               r"row_counts_Hn1 of shape \(1, 3\): expected \[H=2, n\]"),
+    "candidate counts < kept": (lambda: subkey_candidate_loss(_a, _ir, _b, _ic, _rc, _cc[:, :3], 4, 2, COEFF),
+                                r"col_counts_Hn2 .* n >= the 4 candidates"),
+    "candidate k > n1*n2": (lambda: subkey_candidate_loss(_a, _ir, _b, _ic, _rc, _cc, 4, 13, COEFF), "topk=13"),
+    "candidate coeff": (lambda: subkey_candidate_loss(_a, _ir, _b, _ic, _rc, _cc, 4, 2, -1.0), "coeff=-1.0"),
+    "candidate num_tokens": (lambda: subkey_candidate_loss(_a, _ir, _b, _ic, _rc, _cc, 0, 2, COEFF), "num_tokens=0"),
+    "candidate valid": (lambda: subkey_candidate_loss(_a, _ir, _b, _ic, _rc, _cc, 4, 2, COEFF,
+                                                      valid_T=torch.ones(3, dtype=torch.bool)), "valid_T"),
     "policy unknown": (lambda: coefficient_for_granularity(COEFF, 4, "sqrt"), "unknown policy 'sqrt'; choose from"),
     "policy G 0": (lambda: coefficient_for_granularity(COEFF, 0), "granularity=0"),
     "policy coeff": (lambda: coefficient_for_granularity(-1.0, 4), "coeff=-1.0"),

@@ -81,6 +81,8 @@ OUR_FLAGS = [
     "--moe-pk-grid-rows",
     "--moe-pk-query-norm",
     "--moe-pk-bias-balancing",
+    "--moe-pk-expert-bias-balancing",
+    "--moe-pk-bias-update-rule",
     "--moe-balance-losses",
     "--moe-balance-coeffs",
     "--moe-balance-coeff-policy",
@@ -103,6 +105,7 @@ OUR_FLAGS = [
     "--moe-peer-table-lr-mult",
     "--moe-peer-table-wd-mult",
     "--moe-peer-subkey-loss-stride",
+    "--moe-peer-subkey-loss-marginals",
 ]
 
 

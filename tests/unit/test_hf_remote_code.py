@@ -22,7 +22,11 @@ import pytest
 import torch
 
 from megatron_moe_ext.checkpoint.hf_targets import get_target
-from megatron_moe_ext.checkpoint.hf_targets.remote import CODE_FILES, TARGET, expected_tensors
+from megatron_moe_ext.checkpoint.hf_targets.remote import (
+    CODE_FILES,
+    TARGET,
+    expected_tensors,
+)
 
 BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "128",
         "--max-position-embeddings", "64", "--position-embedding-type", "rope", "--normalization", "RMSNorm",
@@ -38,7 +42,8 @@ VARIANTS = {
         *BASE, "--num-experts", "16", "--moe-ffn-hidden-size", "32", "--moe-router-topk", "4",
         "--moe-router-type", "product_key", "--moe-pk-heads", "2", "--moe-pk-grid-rows", "2", "--moe-pk-key-dim", "16",
         "--moe-pk-query-norm", "rmsnorm", "--moe-router-score-function", "sigmoid",
-        "--moe-router-topk-scaling-factor", "2.0", "--moe-pk-bias-balancing", "--moe-router-noisy-gating",
+        "--moe-router-topk-scaling-factor", "2.0", "--moe-pk-bias-balancing", "--moe-pk-expert-bias-balancing",
+        "--moe-router-noisy-gating",
         "--moe-pk-subkey-topk", "2", "--moe-peer-num-experts", "81", "--moe-peer-layers", "1", "--moe-peer-heads", "2",
         "--moe-peer-topk", "4", "--moe-peer-key-dim", "16", "--moe-peer-subkey-topk", "6",
         "--moe-peer-query-norm", "layernorm", "--moe-peer-activation", "relu", "--moe-peer-gate", "sigmoid",
@@ -147,7 +152,10 @@ def test_remote_files_import_only_torch_transformers_stdlib_and_each_other(tmp_p
                 else:
                     assert node.module.split(".")[0] in allowed_roots, f"{path}: from {node.module} import ..."
     # transformers' own check (what from_pretrained runs): every import resolvable, relative ones all shipped.
-    from transformers.dynamic_module_utils import check_imports, get_relative_import_files
+    from transformers.dynamic_module_utils import (
+        check_imports,
+        get_relative_import_files,
+    )
 
     for path in CODE_FILES:  # flat, as in an exported folder
         shutil.copyfile(path, tmp_path / os.path.basename(path))

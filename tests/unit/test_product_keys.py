@@ -1,4 +1,5 @@
-"""Product-key top-k against brute force over all N full keys: ids, scores and gradients; bad inputs.
+"""Product-key top-k against brute force over all N full keys: ids, scores and gradients; the per-side
+candidates it exposes; bad inputs.
 
 Legend: T tokens, H heads, K top-k, n1 / n2 sub-keys per side, N = n1*n2 experts, D d_key.
 """
@@ -13,7 +14,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import megatron_moe_ext
-from megatron_moe_ext.kernels.product_keys import num_experts_to_grid, product_key_topk, product_key_topk_reference
+from megatron_moe_ext.kernels.product_keys import (
+    num_experts_to_grid,
+    product_key_half_scores,
+    product_key_topk,
+    product_key_topk_reference,
+    product_key_topk_with_candidates,
+)
 
 
 def make_inputs(tokens, heads, d_key, n1, n2, *, layout, dtype=torch.float64, seed=0):
@@ -79,6 +86,23 @@ def test_fp32_matches_brute_force(layout):
     assert scores.dtype == torch.float32
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(scores, ref_scores, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # fp32 on CPU: the compiled row top-k
+def test_candidates_are_each_sides_top_kp_half_scores(dtype):
+    q_THD, subkeys = make_inputs(9, 3, 16, 12, 12, layout="per_head", dtype=dtype, seed=4)
+    scores, ids, candidates = product_key_topk_with_candidates(q_THD, subkeys, 4, subkey_topk=6)
+    a_THk1, row_THk1, b_THk2, col_THk2 = candidates
+    plain_scores, plain_ids = product_key_topk(q_THD, subkeys, 4, subkey_topk=6)
+    assert torch.equal(ids, plain_ids) and torch.equal(scores, plain_scores)
+    for vals, idx, half in zip((a_THk1, b_THk2), (row_THk1, col_THk2), product_key_half_scores(q_THD, subkeys)):
+        ref_vals, ref_idx = half.topk(6, dim=-1)
+        assert vals.shape == (9, 3, 6) and idx.dtype == torch.int64
+        assert torch.equal(idx, ref_idx)
+        torch.testing.assert_close(vals, ref_vals)
+    # Every selected expert's row and column are among the token's candidates.
+    assert bool((ids // 12).unsqueeze(-1).eq(row_THk1.unsqueeze(-2)).any(-1).all())
+    assert bool((ids % 12).unsqueeze(-1).eq(col_THk2.unsqueeze(-2)).any(-1).all())
 
 
 def test_public_export():

@@ -207,6 +207,7 @@ class RemoteTarget:
                     "moe_pk_grid_rows": _get(args, "moe_pk_grid_rows"),
                     "moe_pk_query_norm": _get(args, "moe_pk_query_norm", "batchnorm"),
                     "moe_pk_bias_balancing": bool(_get(args, "moe_pk_bias_balancing")),
+                    "moe_pk_expert_bias_balancing": bool(_get(args, "moe_pk_expert_bias_balancing")),
                 })
         if "peer" in kinds:
             first = kinds.index("peer")
@@ -235,7 +236,7 @@ class RemoteTarget:
                 raise ValueError("tied embeddings, but output_layer.weight differs from the word embeddings")
             del tensors["output_layer.weight"]
         _check_tensors(config, tensors, "the checkpoint")
-        keep = {n for n in tensors if n.endswith((".expert_bias", ".row_bias", ".col_bias"))}  # fp32 in Megatron
+        keep = {n for n in tensors if n.endswith((".expert_bias", ".row_bias", ".col_bias", ".pk_expert_bias"))}  # fp32 in Megatron
         return HFModel(config=config, tensors=tensors, keep_fp32=keep, code_files=list(CODE_FILES))
 
     # -- import ----------------------------------------------------------------------------------------------------
@@ -261,6 +262,7 @@ _DEFAULTS = {  # MegatronMoEExtConfig's defaults for the fields a config.json ma
     "moe_router_noisy_gating": False, "moe_apply_probs_on_input": False, "moe_shared_expert_intermediate_size": None,
     "moe_shared_expert_gate": False, "moe_pk_heads": 1, "moe_pk_key_dim": 128, "moe_pk_subkey_topk": None,
     "moe_pk_grid_rows": None, "moe_pk_query_norm": "batchnorm", "moe_pk_bias_balancing": False,
+    "moe_pk_expert_bias_balancing": False,
     "moe_peer_num_experts": None, "moe_peer_table_rows": None, "moe_peer_heads": 8, "moe_peer_topk": 16,
     "moe_peer_key_dim": 128, "moe_peer_subkey_topk": None, "moe_peer_query_norm": "batchnorm",
     "moe_peer_activation": "gelu", "moe_peer_gate": "softmax", "moe_peer_shared_ffn_hidden_size": None,
@@ -333,6 +335,8 @@ def expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
                 if c["moe_pk_bias_balancing"]:
                     out[f"{mlp}router.row_bias"] = (H, rows)
                     out[f"{mlp}router.col_bias"] = (H, cols)
+                if c["moe_pk_expert_bias_balancing"]:
+                    out[f"{mlp}router.pk_expert_bias"] = (H, pool)
                 if c["moe_router_noisy_gating"]:
                     out[f"{mlp}router.noise_row_weight"] = (H * rows, h)
                     out[f"{mlp}router.noise_col_weight"] = (H * cols, h)
@@ -479,6 +483,8 @@ def _moe_flags(c: dict, kinds: list[str]) -> list[str]:
             flags += ["--moe-pk-grid-rows", str(c["moe_pk_grid_rows"])]
         if c["moe_pk_bias_balancing"]:
             flags.append("--moe-pk-bias-balancing")
+        if c["moe_pk_expert_bias_balancing"]:
+            flags.append("--moe-pk-expert-bias-balancing")
     return flags
 
 

@@ -100,6 +100,9 @@ class MegatronMoEExtConfig(PreTrainedConfig):
     moe_pk_query_norm: str = "batchnorm"
     moe_pk_bias_balancing: bool = False
     """The product-key router carries separable selection biases row_bias/col_bias."""
+    moe_pk_expert_bias_balancing: bool = False
+    """The product-key router carries a per-expert selection bias pk_expert_bias [heads, experts/heads], added
+    to each token's candidate pairs when they are combined."""
 
     # -- PEER layers ---------------------------------------------------------------------------------------------
     moe_peer_num_experts: int | None = None

@@ -287,7 +287,7 @@ class TopKRouter(nn.Module):
 class ProductKeyRouter(nn.Module):
     """Our product-key router (``layers/product_key_router.py``) in eval: queries W_q x normalised per head,
     half scores against row/column sub-keys, each head's exact top-k in its own pool (selection biases when
-    bias balancing is on), Megatron's gates."""
+    bias balancing is on: separable row/column biases, a per-expert bias on the candidate pairs), Megatron's gates."""
 
     def __init__(self, config: MegatronMoEExtConfig) -> None:
         super().__init__()
@@ -305,6 +305,10 @@ class ProductKeyRouter(nn.Module):
             self.register_buffer("col_bias", torch.zeros(H, self.cols))
         else:
             self.row_bias = self.col_bias = None
+        if config.moe_pk_expert_bias_balancing:
+            self.register_buffer("pk_expert_bias", torch.zeros(H, self.rows * self.cols))
+        else:
+            self.pk_expert_bias = None
         if config.moe_router_noisy_gating:  # train-time noise only; kept so the state round-trips
             self.noise_row_weight = nn.Parameter(torch.zeros(H * self.rows, config.hidden_size))
             self.noise_col_weight = nn.Parameter(torch.zeros(H * self.cols, config.hidden_size))
@@ -320,6 +324,7 @@ class ProductKeyRouter(nn.Module):
         scores_THk, local_THk = biased_topk_from_half_scores(
             a_THn1, b_THn2, self.k, subkey_topk=self.subkey_topk,
             row_bias_Hn1=self.row_bias.float() if biased else None, col_bias_Hn2=self.col_bias.float() if biased else None,
+            expert_bias_HN=self.pk_expert_bias.float() if self.pk_expert_bias is not None else None,
         )
         logits_TK = scores_THk.reshape(scores_THk.shape[0], -1)
         pre = cfg.moe_router_score_function == "softmax" and cfg.moe_router_pre_softmax
@@ -499,7 +504,7 @@ class MegatronMoEExtPreTrainedModel(PreTrainedModel):
         for name, buf in module.named_buffers(recurse=False):
             if name == "running_var":
                 init.ones_(buf)
-            elif name in ("running_mean", "expert_bias", "row_bias", "col_bias"):
+            elif name in ("running_mean", "expert_bias", "row_bias", "col_bias", "pk_expert_bias"):
                 init.zeros_(buf)
 
 
