@@ -125,9 +125,8 @@ def test_device_and_communication_losses_equal_coeff_at_perfect_balance(G: int, 
                                expected, **close)
 
 
-@pytest.mark.parametrize("n1, n2", [(4, 4), (8, 2), (2, 16), (16, 16)])
-@pytest.mark.parametrize("H, k", [(1, 1), (2, 4)])
-def test_subkey_marginal_loss_equals_coeff_at_perfect_balance(n1: int, n2: int, H: int, k: int) -> None:
+def _balanced_subkey_counts(n1: int, n2: int, H: int, k: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(T, row_counts_Hn1, col_counts_Hn2) of a routing where every row and every column is used equally."""
     N = n1 * n2
     T = 2 * N // math.gcd(N, k)
     # Position q names grid cell (q % n1, q // n1): k consecutive positions are distinct cells; head h starts at h.
@@ -135,6 +134,13 @@ def test_subkey_marginal_loss_equals_coeff_at_perfect_balance(n1: int, n2: int, 
     ids_THk = (q_THk % n1) * n2 + q_THk // n1
     rows_Hn1, cols_Hn2 = subkey_counts(ids_THk, n1, n2)
     assert torch.all(rows_Hn1 == T * k // n1) and torch.all(cols_Hn2 == T * k // n2)
+    return T, rows_Hn1, cols_Hn2
+
+
+@pytest.mark.parametrize("n1, n2", [(4, 4), (8, 2), (2, 16), (16, 16)])
+@pytest.mark.parametrize("H, k", [(1, 1), (2, 4)])
+def test_subkey_marginal_loss_equals_coeff_at_perfect_balance(n1: int, n2: int, H: int, k: int) -> None:
+    T, rows_Hn1, cols_Hn2 = _balanced_subkey_counts(n1, n2, H, k)
     a_THn1 = torch.randn(T, H, n1, generator=gen(1), dtype=f64)
     b_THn2 = torch.randn(T, H, n2, generator=gen(2), dtype=f64)
     got = subkey_marginal_loss(a_THn1, b_THn2, rows_Hn1, cols_Hn2, T, k, COEFF)
@@ -433,12 +439,7 @@ def test_subkey_candidate_loss_with_every_subkey_kept_is_the_full_marginal_loss(
 
 @pytest.mark.parametrize("n1, n2, H, k, kp", [(4, 4, 1, 1, 1), (8, 2, 2, 4, 2), (16, 16, 2, 4, 6)])
 def test_subkey_candidate_loss_equals_coeff_at_perfect_balance(n1: int, n2: int, H: int, k: int, kp: int) -> None:
-    N = n1 * n2
-    T = 2 * N // math.gcd(N, k)
-    q_THk = (torch.arange(T).view(T, 1, 1) * k + torch.arange(k).view(1, 1, k) + torch.arange(H).view(1, H, 1)) % N
-    ids_THk = (q_THk % n1) * n2 + q_THk // n1
-    rows_Hn1, cols_Hn2 = subkey_counts(ids_THk, n1, n2)
-    assert torch.all(rows_Hn1 == T * k // n1) and torch.all(cols_Hn2 == T * k // n2)
+    T, rows_Hn1, cols_Hn2 = _balanced_subkey_counts(n1, n2, H, k)
     # Any candidates, any scores: every token's candidate softmax sums to 1 and f = 1 everywhere.
     a_THn1 = torch.randn(T, H, n1, generator=gen(75), dtype=f64)
     b_THn2 = torch.randn(T, H, n2, generator=gen(76), dtype=f64)
