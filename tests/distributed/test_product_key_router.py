@@ -478,7 +478,9 @@ def load_router_biases(ckpt_dir: str, parallel: dict) -> dict:
     return {"biases": biases, "logits": full_logits(model, make_batches(1, batch_size=2, seed=11)[0])}
 
 
-@pytest.mark.parametrize(("save_parallel", "load_parallel"), [({"tp": 2, "ep": 2}, {}), ({}, {"tp": 2, "ep": 2})])
+# One direction (TP=2/EP=2 -> 1 rank): the reverse is the same resharding code, and each case costs two process
+# starts in CI.
+@pytest.mark.parametrize(("save_parallel", "load_parallel"), [({"tp": 2, "ep": 2}, {})])
 def test_selection_biases_checkpoint_round_trip_across_parallelism(tmp_path, save_parallel, load_parallel) -> None:
     ckpt = str(tmp_path / "ckpt")
     (tmp_path / "ckpt").mkdir()

@@ -1,5 +1,5 @@
 """The balancing benchmarks run end to end at tiny sizes (values are never asserted):
-``benchmarks/balancing_behaviour.py`` (2 training runs of 2 iterations) and
+``benchmarks/balancing_behaviour.py`` (1 training run of 2 iterations) and
 ``benchmarks/bench_balancing_overhead.py --smoke``."""
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ def test_balancing_behaviour_smoke(tmp_path: Path) -> None:
     markdown = tmp_path / "results.md"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "balancing_behaviour.py"), "--iters", "2",
-         "--variants", "dense none", "dense expert", "--markdown", str(markdown)],
+         "--variants", "dense none", "--markdown", str(markdown)],
         cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    assert "| dense expert |" in proc.stdout, proc.stdout
-    assert "dense expert lowers MaxVio vs dense none: ratio" in proc.stdout, proc.stdout
+    assert "| dense none |" in proc.stdout, proc.stdout
     section = markdown.read_text()
     assert section.startswith("\n## Balancing behaviour: MaxVio per method")
     assert "| variant | flags | MaxVio it 1 |" in section and "Goals:" in section
