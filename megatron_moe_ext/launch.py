@@ -19,7 +19,8 @@ script, or Megatron's own code, looks up at call or import time:
   and the GPU telemetry line (``megatron_moe_ext.telemetry``).
 
 The launcher half (no ``RANK`` in the environment) validates everything once, then starts the
-ranks with torchrun exactly like ``megatron-moe-ext train``: on CPU the CPU flags are added and,
+ranks exactly like ``megatron-moe-ext train`` (torchrun on GPU; on CPU forked from this launcher, which
+has already imported megatron: ``runtime/local_ranks.py``): on CPU the CPU flags are added and,
 without data flags, the embedded default model and corpus are used. Under an existing launcher
 (``RANK`` set: torchrun, SLURM) it is the rank half directly.
 
@@ -283,9 +284,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ours.dry_run:
         print(" ".join(command))
         return 0
+    if cpu:
+        # Local gloo ranks forked from this already-imported launcher (runtime/local_ranks.py), not fresh
+        # interpreters that import megatron again.
+        from megatron_moe_ext.runtime.local_ranks import start_local_ranks
+        from megatron_moe_ext.training.rank_entry import import_rank_modules
+
+        import_rank_modules()
+        return start_local_ranks(_forked_rank, [os.path.abspath(ours.script), *full_argv], nproc)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return subprocess.call(command, env=env)
+
+
+def _forked_rank(argv: Sequence[str]) -> None:
+    """A local CPU rank started by ``start_local_ranks``: ``argv`` is the script, then its flags."""
+    run_script(argv[0], argv[1:])
 
 
 if __name__ == "__main__":

@@ -23,6 +23,28 @@ def parse_rank_args(flags: Sequence[str]) -> argparse.Namespace:
     return parse_megatron_args(list(flags), extra_args_provider=add_train_args)
 
 
+# What a rank imports, so a CPU launcher can import it once before forking its local ranks.
+RANK_MODULES: tuple[str, ...] = (
+    "megatron.training",
+    "megatron.training.training",
+    "megatron.training.argument_utils",
+    "megatron_moe_ext.specs",
+    "megatron_moe_ext.training.gpt_step",
+    "megatron_moe_ext.balancing.metrics_logging",
+    "megatron_moe_ext.upcycling",
+    "megatron_moe_ext.optimizer_groups",
+    "megatron_moe_ext.telemetry",
+)
+
+
+def import_rank_modules() -> None:
+    """Import everything ``rank_main`` needs (no tensor work), for ranks forked from this process."""
+    import importlib
+
+    for name in RANK_MODULES:
+        importlib.import_module(name)
+
+
 def rank_main(argv: Sequence[str]) -> None:
     """Parse Megatron's flags (plus ours) from ``argv`` and run ``pretrain`` on this rank."""
     import torch

@@ -3,7 +3,8 @@
 The launcher half runs once, before any process group exists: it validates the parallel layout,
 the data and the checkpoint directory (so bad input fails once, clearly, on "rank 0" before any
 rank starts), prepares data (the embedded default corpus, or raw text files), and then starts the
-ranks with torchrun (on CPU: ``--nproc`` gloo ranks on this machine). Under an existing launcher
+ranks: with torchrun on GPU; on CPU as ``--nproc`` gloo ranks forked from the launcher, which has
+already imported megatron (``runtime/local_ranks.py``). Under an existing launcher
 (``RANK`` set, e.g. torchrun or SLURM), it runs the rank half directly.
 
 The rank half (``rank_main``) is ``megatron.training.pretrain`` with Megatron's flags unchanged, a
@@ -279,6 +280,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ours.dry_run:
         print(" ".join(command))
         return 0
+    if cpu:
+        # All ranks are local gloo processes: fork them from this already-imported launcher rather than
+        # let torchrun start fresh interpreters that import megatron again (runtime/local_ranks.py).
+        from megatron_moe_ext.runtime.local_ranks import start_local_ranks
+        from megatron_moe_ext.training.rank_entry import import_rank_modules, rank_main
+
+        import_rank_modules()
+        return start_local_ranks(rank_main, full_argv, nproc)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return subprocess.call(command, env=env)

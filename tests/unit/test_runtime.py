@@ -86,3 +86,42 @@ def test_allocator_tuning_applies_on_glibc_and_can_be_left_alone(monkeypatch) ->
         assert _tune_allocator() is True
     monkeypatch.setenv("MEGATRON_MOE_EXT_KEEP_MALLOC", "1")
     assert _tune_allocator() is False
+
+
+def _record_rank_env(argv: list[str]) -> None:
+    """A forked local rank: write the torchrun-style variables it sees (no tensor work)."""
+    import json
+    import os
+
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
+    with open(f"{argv[0]}.{os.environ['RANK']}", "w") as fh:
+        json.dump({k: os.environ[k] for k in keys} | {"threads": torch.get_num_threads(), "argv": argv}, fh)
+
+
+def _fail_on_rank_1(argv: list[str]) -> None:
+    import os
+
+    if os.environ["RANK"] == "1":
+        raise ValueError(f"rank 1 refuses {argv}")
+
+
+def test_local_ranks_get_torchrun_environment_and_failures_propagate(tmp_path, capsys) -> None:
+    import json
+
+    from megatron_moe_ext.runtime.local_ranks import start_local_ranks
+
+    prefix = str(tmp_path / "env")
+    assert start_local_ranks(_record_rank_env, [prefix, "--flag"], nproc=2, threads_per_rank=1) == 0
+    seen = [json.loads((tmp_path / f"env.{r}").read_text()) for r in (0, 1)]
+    for rank, env in enumerate(seen):
+        assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"]) == (
+            str(rank), str(rank), "2", "2")
+        assert env["MASTER_ADDR"] == "127.0.0.1" and env["OMP_NUM_THREADS"] == "1" and env["threads"] == 1
+        assert env["argv"] == [prefix, "--flag"]
+    assert seen[0]["MASTER_PORT"] == seen[1]["MASTER_PORT"]
+
+    assert start_local_ranks(_fail_on_rank_1, ["x"], nproc=2, threads_per_rank=1) == 1
+    err = capsys.readouterr().err
+    assert "rank 1 failed" in err and "ValueError: rank 1 refuses ['x']" in err
+    with pytest.raises(ValueError, match="nproc=0"):
+        start_local_ranks(_record_rank_env, [prefix], nproc=0)

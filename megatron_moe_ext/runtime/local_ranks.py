@@ -1,0 +1,79 @@
+"""Start N ranks on this CPU machine as forked children of an already-imported launcher.
+
+torchrun starts every rank as a fresh interpreter, and each one imports torch and megatron-core again:
+about 10 s of CPU per rank on our 2-core machines, before any work. On CPU, where all ranks are local and
+gloo is the backend, the launcher has already imported megatron (to validate the flags), so ranks forked
+from it start with those modules in memory. Each child gets the environment torchrun would give it
+(``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), and
+``torch.multiprocessing`` joins them: if one rank fails the others are terminated and the launcher returns
+non-zero with the failing rank's traceback, as torchrun does.
+
+Why fork is safe here: the launcher has only imported modules and parsed flags. It must not have run a
+multi-threaded torch op before forking: a child that enters an OpenMP region its parent already used
+deadlocks (measured with torch 2.14's libgomp). ``start_local_ranks`` is therefore called before any
+tensor work. GPU runs keep torchrun (CUDA cannot be forked after initialisation, and GPU jobs usually come
+from a cluster launcher anyway).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["free_port", "rank_environment", "start_local_ranks"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rank_environment(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The torchrun-style variables one local rank of a single-machine job sees."""
+    return {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "GROUP_RANK": "0",
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+    }
+
+
+def _rank(rank: int, world_size: int, port: int, threads: int, entry: Callable[[list[str]], object],
+          argv: list[str]) -> None:
+    os.environ.update(rank_environment(rank, world_size, port))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    entry(argv)
+
+
+def start_local_ranks(entry: Callable[[list[str]], object], argv: Sequence[str], nproc: int,
+                      threads_per_rank: int | None = None) -> int:
+    """Run ``entry(argv)`` on ``nproc`` forked local ranks; return 0, or the failing rank's exit code (1 for
+    an exception, whose traceback goes to stderr). ``entry`` must be a module-level function."""
+    if nproc < 1:
+        raise ValueError(f"nproc={nproc} must be >= 1")
+    import torch.multiprocessing as mp
+
+    threads = threads_per_rank or int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // nproc))
+    # Buffered output would otherwise be written once by the launcher and once more by every child.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        mp.start_processes(_rank, args=(nproc, free_port(), threads, entry, list(argv)), nprocs=nproc,
+                           join=True, start_method="fork")
+    except mp.ProcessRaisedException as err:
+        print(f"rank {err.error_index} failed:\n{err}", file=sys.stderr)
+        return 1
+    except mp.ProcessExitedException as err:
+        print(f"rank {err.error_index} exited with code {err.exit_code}", file=sys.stderr)
+        return err.exit_code if err.exit_code and err.exit_code > 0 else 1
+    return 0
