@@ -174,8 +174,12 @@ class PEERBalancing(torch.nn.Module):
         if self._step_counts is None or self._step_counts.device != ids_THk.device:
             self._step_counts = torch.zeros(N + 2 * Hn, dtype=torch.long, device=ids_THk.device)
         self._micro_batches += 1
-        w_THk = torch.ones_like(ids_THk) if valid_T is None else valid_T.view(-1, 1, 1).expand_as(ids_THk).long()
-        self._step_counts[:N].index_add_(0, ids_THk.reshape(-1), w_THk.reshape(-1))
+        if valid_T is None and ids_THk.device.type == "cpu":
+            # CPU: bincount is ~1.6x faster than index_add_ at N = 1M (on GPU it would sync on max(ids)).
+            self._step_counts[:N] += torch.bincount(ids_THk.reshape(-1), minlength=N)
+        else:
+            w_THk = torch.ones_like(ids_THk) if valid_T is None else valid_T.view(-1, 1, 1).expand_as(ids_THk).long()
+            self._step_counts[:N].index_add_(0, ids_THk.reshape(-1), w_THk.reshape(-1))
         rows_Hn, cols_Hn = count_subkeys(ids_THk, self.grid, self.grid, valid_T)
         self._step_counts[N:N + Hn] += rows_Hn.reshape(-1)
         self._step_counts[N + Hn:] += cols_Hn.reshape(-1)

@@ -190,3 +190,20 @@ def test_step_metrics_are_cheap_at_a_million_experts() -> None:
     elapsed = time.perf_counter() - start
     print(f"step metrics at N=2^20: {elapsed * 1e3:.1f} ms")
     assert got["pk_rows_used"] == 1.0 and elapsed < 1.0
+
+
+def test_step_metrics_keep_precision_at_a_million_experts() -> None:
+    """Integer counts take c*log(c) in fp32 (summed in fp64): checked against the fp64 pure metrics on
+    sparse, heavy (counts beyond fp32's 24 bits) and concentrated loads at N = 2^20."""
+    from megatron_moe_ext.balancing import metrics as M
+    from megatron_moe_ext.balancing.step_metrics import step_load_metrics
+
+    gen = torch.Generator().manual_seed(3)
+    sparse = torch.bincount(torch.randint(0, 1 << 20, (262144,), generator=gen), minlength=1 << 20)
+    heavy = torch.randint(10**7, 3 * 10**7, (1 << 20,), generator=gen)
+    concentrated = torch.zeros(1 << 20, dtype=torch.long)
+    concentrated[:3] = torch.tensor([10**9, 7, 1])
+    for counts in (sparse, heavy, concentrated):
+        got = step_load_metrics(counts)
+        assert float(got["load_entropy"]) == pytest.approx(M.load_entropy(counts), rel=1e-5, abs=1e-7)
+        assert float(got["max_violation"]) == pytest.approx(M.max_violation(counts), rel=1e-6)
