@@ -25,6 +25,18 @@ from collections.abc import Callable, Sequence
 __all__ = ["free_port", "rank_environment", "start_local_ranks"]
 
 
+def _os_threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:  # not Linux: no way to tell, assume nothing started
+        return 0
+
+
+# Launchers import this module after their imports and before any tensor work. A thread started since
+# then is most likely torch's intra-op pool (its first parallel op starts it); see start_local_ranks.
+_THREADS_AT_IMPORT = _os_threads()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -64,6 +76,13 @@ def start_local_ranks(entry: Callable[[list[str]], object], argv: Sequence[str],
     import torch.multiprocessing as mp
 
     threads = threads_per_rank or int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // nproc))
+    if threads > 1 and _os_threads() > _THREADS_AT_IMPORT:
+        # This process may have used its OpenMP pool already (e.g. an in-process call after tensor work): a
+        # forked child that uses it again hangs, one with a single intra-op thread never enters it.
+        print(f"megatron-moe-ext: threads were started in this process before forking {nproc} ranks; each rank "
+              f"runs with 1 intra-op thread instead of {threads} (start from the command line for {threads})",
+              file=sys.stderr)
+        threads = 1
     # Buffered output would otherwise be written once by the launcher and once more by every child.
     sys.stdout.flush()
     sys.stderr.flush()

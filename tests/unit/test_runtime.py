@@ -125,3 +125,23 @@ def test_local_ranks_get_torchrun_environment_and_failures_propagate(tmp_path, c
     assert "rank 1 failed" in err and "ValueError: rank 1 refuses ['x']" in err
     with pytest.raises(ValueError, match="nproc=0"):
         start_local_ranks(_record_rank_env, [prefix], nproc=0)
+
+
+def test_local_ranks_fall_back_to_one_thread_after_the_pool_started(tmp_path, capsys, monkeypatch) -> None:
+    """Once this process has started threads since local_ranks was imported (here: torch's pool, after
+    parallel ops), ranks asking for 2 intra-op threads get 1: a forked child entering the OpenMP region its
+    parent used deadlocks (the ranks here only report their thread count, so a regression fails, not hangs)."""
+    import json
+
+    from megatron_moe_ext.runtime import local_ranks
+
+    torch.set_num_threads(2)
+    x = torch.randn(1024, 1024)
+    (x @ x).sum()  # starts the pool here if nothing had yet
+    if local_ranks._os_threads() <= local_ranks._THREADS_AT_IMPORT:  # the pool predates the import
+        monkeypatch.setattr(local_ranks, "_THREADS_AT_IMPORT", local_ranks._os_threads() - 1)
+    prefix = str(tmp_path / "t")
+    assert local_ranks.start_local_ranks(_record_rank_env, [prefix], nproc=1, threads_per_rank=2) == 0
+    env = json.loads((tmp_path / "t.0").read_text())
+    assert env["threads"] == 1 and env["OMP_NUM_THREADS"] == "1"
+    assert "each rank runs with 1 intra-op thread instead of 2" in capsys.readouterr().err
