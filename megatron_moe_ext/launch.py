@@ -288,10 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Local gloo ranks forked from this already-imported launcher (runtime/local_ranks.py), not fresh
         # interpreters that import megatron again.
         from megatron_moe_ext.runtime.local_ranks import start_local_ranks
-        from megatron_moe_ext.training.rank_entry import import_rank_modules
+        from megatron_moe_ext.training.rank_entry import RANK_MODULES
 
-        import_rank_modules()
-        return start_local_ranks(_forked_rank, [os.path.abspath(ours.script), *full_argv], nproc)
+        return start_local_ranks(_forked_rank, [os.path.abspath(ours.script), *full_argv], nproc,
+                                 preload=RANK_MODULES)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return subprocess.call(command, env=env)

@@ -120,7 +120,7 @@ def _validate(ns: argparse.Namespace, mode: str) -> list[tuple[str, str, int]]:
     return plans
 
 
-# What a capture rank imports, so the CPU path imports it once before forking its local ranks.
+# What a capture rank imports: the CPU path imports it once before forking its local ranks (``preload``).
 _CAPTURE_MODULES: tuple[str, ...] = (
     "megatron.core.dist_checkpointing",
     "megatron.training.argument_utils",
@@ -137,14 +137,10 @@ def _run_capture(plan_paths: Sequence[str], nproc: int) -> None:
     if not torch.cuda.is_available():
         # Local gloo ranks forked from this process (runtime/local_ranks.py): megatron is imported once,
         # not once per rank. Nothing above ran a multi-threaded torch op, which fork requires.
-        import importlib
-
         from megatron_moe_ext.analysis.capture import main as capture_main
         from megatron_moe_ext.runtime.local_ranks import start_local_ranks
 
-        for name in _CAPTURE_MODULES:
-            importlib.import_module(name)
-        rc = start_local_ranks(capture_main, plan_paths, nproc)
+        rc = start_local_ranks(capture_main, plan_paths, nproc, preload=_CAPTURE_MODULES)
         if rc != 0:
             raise RuntimeError(f"trace capture failed (exit code {rc}) on {nproc} local ranks")
         return

@@ -68,12 +68,19 @@ def _rank(rank: int, world_size: int, port: int, threads: int, entry: Callable[[
 
 
 def start_local_ranks(entry: Callable[[list[str]], object], argv: Sequence[str], nproc: int,
-                      threads_per_rank: int | None = None) -> int:
+                      threads_per_rank: int | None = None, preload: Sequence[str] = ()) -> int:
     """Run ``entry(argv)`` on ``nproc`` forked local ranks; return 0, or the failing rank's exit code (1 for
-    an exception, whose traceback goes to stderr). ``entry`` must be a module-level function."""
+    an exception, whose traceback goes to stderr). ``entry`` must be a module-level function; ``preload``
+    names the modules it imports, imported here once so every rank starts with them (imports only: no
+    tensor work happens before the fork)."""
     if nproc < 1:
         raise ValueError(f"nproc={nproc} must be >= 1")
+    import importlib
+
     import torch.multiprocessing as mp
+
+    for name in preload:
+        importlib.import_module(name)
 
     threads = threads_per_rank or int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // nproc))
     if threads > 1 and _os_threads() > _THREADS_AT_IMPORT:

@@ -23,7 +23,7 @@ def parse_rank_args(flags: Sequence[str]) -> argparse.Namespace:
     return parse_megatron_args(list(flags), extra_args_provider=add_train_args)
 
 
-# What a rank imports, so a CPU launcher can import it once before forking its local ranks.
+# What a rank imports: a CPU launcher imports it once before forking its local ranks (``preload``).
 RANK_MODULES: tuple[str, ...] = (
     "megatron.training",
     "megatron.training.training",
@@ -35,14 +35,6 @@ RANK_MODULES: tuple[str, ...] = (
     "megatron_moe_ext.optimizer_groups",
     "megatron_moe_ext.telemetry",
 )
-
-
-def import_rank_modules() -> None:
-    """Import everything ``rank_main`` needs (no tensor work), for ranks forked from this process."""
-    import importlib
-
-    for name in RANK_MODULES:
-        importlib.import_module(name)
 
 
 def rank_main(argv: Sequence[str]) -> None:

@@ -284,10 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # All ranks are local gloo processes: fork them from this already-imported launcher rather than
         # let torchrun start fresh interpreters that import megatron again (runtime/local_ranks.py).
         from megatron_moe_ext.runtime.local_ranks import start_local_ranks
-        from megatron_moe_ext.training.rank_entry import import_rank_modules, rank_main
+        from megatron_moe_ext.training.rank_entry import RANK_MODULES, rank_main
 
-        import_rank_modules()
-        return start_local_ranks(rank_main, full_argv, nproc)
+        return start_local_ranks(rank_main, full_argv, nproc, preload=RANK_MODULES)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return subprocess.call(command, env=env)

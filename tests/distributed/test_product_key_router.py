@@ -431,51 +431,46 @@ def test_bias_update_under_data_parallelism_equals_single_rank(distributed) -> N
                 torch.testing.assert_close(step_rank[name], step_single[name], rtol=0, atol=0)
 
 
-def save_router_biases(ckpt_dir: str, parallel: dict) -> dict:
-    """A tiny GPT with product keys and both bias kinds, biases set to known values, saved with torch_dist."""
-    from megatron.core import dist_checkpointing
+_BIAS_NAMES = ("row_bias", "col_bias", "pk_expert_bias")
 
-    from megatron_moe_ext.testing.tiny import (
-        build_tiny_gpt,
-        full_logits,
-        initialize_parallel,
-        make_batches,
-        parallel_sizes,
-    )
 
-    initialize_parallel(seed=5, **parallel)
+def _bias_model(parallel: dict, seed: int):
+    """A tiny GPT with product keys and both bias kinds at ``parallel`` (on this rank)."""
+    from megatron_moe_ext.testing.tiny import build_tiny_gpt, initialize_parallel, parallel_sizes
+
+    initialize_parallel(seed=seed, **parallel)
     config = _router_config(sequence_parallel=parallel.get("tp", 1) > 1,
                             **parallel_sizes(**parallel), **BIAS_KINDS["separable+expert"])
-    model = build_tiny_gpt(config)
-    g = torch.Generator().manual_seed(21)  # the same values on every rank: the biases are replicated
-    biases = {}
-    for name, buf in model.named_buffers():
-        if name.endswith(("row_bias", "col_bias", "pk_expert_bias")):
-            buf.copy_(torch.randn(buf.shape, generator=g))
-            biases[name] = buf.clone()
-    dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)
+    return build_tiny_gpt(config)
+
+
+def _biases_and_logits(model) -> dict:
+    from megatron_moe_ext.testing.tiny import full_logits, make_batches
+
+    biases = {name: buf.clone() for name, buf in model.named_buffers() if name.endswith(_BIAS_NAMES)}
     return {"biases": biases, "logits": full_logits(model, make_batches(1, batch_size=2, seed=11)[0])}
+
+
+def save_router_biases(ckpt_dir: str, parallel: dict) -> dict:
+    """The bias model with its biases set to known values, saved with torch_dist."""
+    from megatron.core import dist_checkpointing
+
+    model = _bias_model(parallel, seed=5)
+    g = torch.Generator().manual_seed(21)  # the same values on every rank: the biases are replicated
+    for name, buf in model.named_buffers():
+        if name.endswith(_BIAS_NAMES):
+            buf.copy_(torch.randn(buf.shape, generator=g))
+    dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)
+    return _biases_and_logits(model)
 
 
 def load_router_biases(ckpt_dir: str, parallel: dict) -> dict:
+    """The bias model built with another seed at ``parallel``, loaded from the checkpoint."""
     from megatron.core import dist_checkpointing
 
-    from megatron_moe_ext.testing.tiny import (
-        build_tiny_gpt,
-        full_logits,
-        initialize_parallel,
-        make_batches,
-        parallel_sizes,
-    )
-
-    initialize_parallel(seed=77, **parallel)
-    config = _router_config(sequence_parallel=parallel.get("tp", 1) > 1,
-                            **parallel_sizes(**parallel), **BIAS_KINDS["separable+expert"])
-    model = build_tiny_gpt(config)
+    model = _bias_model(parallel, seed=77)
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir))
-    biases = {name: buf.clone() for name, buf in model.named_buffers()
-              if name.endswith(("row_bias", "col_bias", "pk_expert_bias"))}
-    return {"biases": biases, "logits": full_logits(model, make_batches(1, batch_size=2, seed=11)[0])}
+    return _biases_and_logits(model)
 
 
 # One direction (TP=2/EP=2 -> 1 rank): the reverse is the same resharding code, and each case costs two process
