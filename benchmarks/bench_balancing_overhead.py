@@ -280,9 +280,9 @@ def run_peer_benchmark(args: argparse.Namespace) -> list[dict]:
         if losses is None and not metrics:
             balancers[name] = None
             continue
-        b = PEERBalancing(config(losses, metrics, marginals, stride or args.peer_stride), heads=H, grid=n,
-                          topk=layer.layout.topk, num_experts=layer.layout.num_experts, loss_group=pg.cp,
-                          count_group=pg.dp_cp, cp_size=1)
+        cfg = config(losses, metrics, marginals, stride or args.peer_stride)
+        b = PEERBalancing(cfg, balance=cfg.ext.balance, peer=cfg.ext.peer, heads=H, grid=n, topk=layer.layout.topk,
+                          num_experts=layer.layout.num_experts, loss_group=pg.cp, count_group=pg.dp_cp, cp_size=1)
         b.layer_number = 1
         balancers[name] = b.train()
     gen = torch.Generator().manual_seed(6000)

@@ -121,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats} must be >= 1")
     args.below_protocol = args.repeats < MIN_REPEATS and not args.smoke
-    from megatron_moe_ext.peer_settings import peer_layout
+    from megatron_moe_ext.settings.peer import peer_layout
 
     for n in args.sizes:
         try:

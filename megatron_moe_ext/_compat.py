@@ -8,10 +8,24 @@ ImportError at a distance.
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 
-# The megatron-core releases the CPU runtime's shims were written against and tested with. Each shim
-# names a call site of these releases; another release may move them.
-SUPPORTED_MEGATRON_CORE: tuple[str, ...] = ("0.19.2",)
+from packaging.specifiers import SpecifierSet
+
+# The megatron-core versions this package supports: the release its CPU runtime's shims name call sites of
+# (0.19.2, the newest on the package index) up to, not including, the next minor release after Megatron-LM
+# main (0.20.0, checked by hand: docs/megatron-versions.md). Pre-releases of in-range versions (0.20.0rc0,
+# 0.20.0.dev0) and local labels (a checkout's "0.20.0+<commit>") are accepted; 0.21 pre-releases are not.
+# setup.cfg's `megatron` and `test` extras state the same range (a unit test keeps them equal).
+MEGATRON_CORE_MIN = "0.19.2"
+MEGATRON_CORE_BELOW = "0.21"
+MEGATRON_CORE_RANGE = f">={MEGATRON_CORE_MIN},<{MEGATRON_CORE_BELOW}"
+SUPPORTED_MEGATRON_CORE = SpecifierSet(MEGATRON_CORE_RANGE, prereleases=True)
+_INSTALL_HINT = (
+    f'pip install "megatron-moe-ext[megatron]" (megatron-core{MEGATRON_CORE_RANGE} from the package index), '
+    f"or put a Megatron-LM checkout of a supported version on PYTHONPATH (or pip install -e it)"
+)
 
 
 def _importable(name: str) -> bool:
@@ -29,23 +43,68 @@ HAVE_MATPLOTLIB: bool = _importable("matplotlib")
 HAVE_TRANSFORMERS: bool = _importable("transformers")
 
 
-def megatron_core_version() -> str:
-    """The installed megatron-core version string (raises ImportError if it is not installed)."""
-    from importlib.metadata import version
+def megatron_core_location() -> str:
+    """Where ``import megatron.core`` finds (or found) its ``__init__.py``, without importing it.
 
-    return version("megatron-core")
+    Raises ImportError with the install fix if megatron.core is not importable.
+    """
+    module = sys.modules.get("megatron.core")
+    if module is not None and getattr(module, "__file__", None):
+        return module.__file__
+    try:
+        spec = importlib.util.find_spec("megatron.core")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin:
+        raise ImportError(
+            f"megatron.core is not importable: megatron_moe_ext needs megatron-core. Fix: {_INSTALL_HINT}."
+        )
+    return spec.origin
+
+
+def megatron_core_version() -> str:
+    """The version of the megatron.core that ``import megatron.core`` uses: ``"0.19.2"``, ``"0.20.0+1a2b3c4"``.
+
+    Read from that package's ``package_info.py`` (source checkouts have it but no pip metadata, and may shadow
+    an installed wheel), falling back to the ``megatron-core`` distribution's metadata. megatron.core itself is
+    not imported. Raises ImportError with the install fix if megatron.core is not importable.
+    """
+    import runpy
+
+    info = sys.modules.get("megatron.core.package_info")
+    if info is not None:
+        return str(info.__version__)
+    info_path = os.path.join(os.path.dirname(megatron_core_location()), "package_info.py")
+    if os.path.isfile(info_path):
+        version = runpy.run_path(info_path).get("__version__")
+        if version:
+            return str(version)
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+
+    try:
+        return dist_version("megatron-core")
+    except PackageNotFoundError as err:
+        raise ImportError(
+            f"cannot tell the version of megatron.core at {megatron_core_location()}: it has no package_info.py "
+            f"and no megatron-core package metadata. Fix: {_INSTALL_HINT}."
+        ) from err
 
 
 def check_megatron_core_version(version: str | None = None) -> str:
-    """Return the installed megatron-core version, or raise ValueError if it is not supported.
+    """Return the version of the megatron.core in use, or raise ValueError if it is not in the supported range.
 
-    ``version`` overrides the detected one (for tests of the refusal itself).
+    ``version`` overrides the detected one (for tests of the refusal itself). Raises ImportError when
+    megatron.core is not importable at all.
     """
     found = version if version is not None else megatron_core_version()
-    if found not in SUPPORTED_MEGATRON_CORE:
+    if not SUPPORTED_MEGATRON_CORE.contains(found):
+        try:
+            where = megatron_core_location()
+        except ImportError:  # only with an explicit `version`
+            where = "nowhere: megatron.core is not importable"
         raise ValueError(
-            f"megatron-core {found} is not supported by megatron_moe_ext's CPU runtime; it was verified "
-            f"with {', '.join(SUPPORTED_MEGATRON_CORE)}. Fix: pip install "
-            f"'megatron-core=={SUPPORTED_MEGATRON_CORE[-1]}'."
+            f"megatron-core {found} is not supported by megatron_moe_ext (imported from {where}); "
+            f"it supports megatron-core{MEGATRON_CORE_RANGE}, pre-releases of those included. Fix: {_INSTALL_HINT}; "
+            f"a checkout on PYTHONPATH takes precedence over any installed megatron-core."
         )
     return found

@@ -152,7 +152,7 @@ class ModelShape:
         """1-based numbers of the layers whose MLP is a PEER layer (empty without peer_num_experts)."""
         if self.peer_num_experts is None:
             return ()
-        from megatron_moe_ext.peer_settings import peer_layer_numbers
+        from megatron_moe_ext.settings.peer import peer_layer_numbers
 
         return tuple(peer_layer_numbers(self.peer_layers, self.num_layers))
 
@@ -241,7 +241,7 @@ def peer_layer_counts(
     kp = subkey_topk (default k, at most n), fp = shared_ffn_hidden_size, g = 2 if gated else 1.
 
     Parameters:
-        query       H*D*h                         (W_q)
+        query       H*D*h  [+ H*D with add_bias]  (W_q and its bias b_q; the experts have no bias)
         sub-keys    H * 2 * n * D/2               (row and column keys of each head)
         query norm  2*H*D batchnorm/layernorm, H*D rmsnorm, 0 none  (running statistics are buffers)
         tables      2*N*h total (u, v); active per token 2*G*h
@@ -257,7 +257,7 @@ def peer_layer_counts(
     Top-k selections (comparisons) are not counted. The dense FFN of the same forward FLOPs has
     f = flops_per_token_forward / (2*(g+1)*h) hidden units.
     """
-    from megatron_moe_ext.peer_settings import peer_layout
+    from megatron_moe_ext.settings.peer import peer_layout
 
     _positive("hidden", hidden)
     # peer_layout checks the ranges (with the fix); a float would reach math.isqrt as a TypeError.
@@ -272,7 +272,7 @@ def peer_layer_counts(
     H, D, n, kp, G = lay.heads, lay.key_dim, lay.grid, lay.subkey_topk, lay.granularity
     g = 2 if gated else 1
     fp = shared_ffn_hidden_size or 0
-    query = H * D * hidden
+    query = H * D * hidden + (H * D if add_bias else 0)
     subkeys = H * 2 * n * (D // 2)
     norm = _QUERY_NORM_AFFINE[query_norm] * H * D
     tables = 2 * num_experts * hidden
@@ -447,12 +447,14 @@ def _router_terms(shape: ModelShape, h: int, E: int, k: int, bias: int) -> tuple
     if shape.router_type != "product_key":
         noisy = 2 if shape.noisy_gating else 1
         return noisy * E * h + bias * E, noisy * 2 * h * E
-    from megatron_moe_ext.router_settings import product_key_layout
+    from megatron_moe_ext.settings.router import product_key_layout
 
     lay = product_key_layout(E, k, heads=shape.pk_heads, key_dim=shape.pk_key_dim, grid_rows=shape.pk_grid_rows)
     Hk, D, sides = lay.heads, shape.pk_key_dim, lay.rows + lay.cols
     norm = _QUERY_NORM_AFFINE[shape.pk_query_norm] * Hk * D
-    params = Hk * D * h + Hk * sides * D // 2 + norm
+    # Query W_q [Hk*D, h] (+ its bias b_q [Hk*D] with add_bias_linear; Megatron's dense router bias [E] is not
+    # built: a per-expert logit offset is not separable over the grid), sub-keys, query norm.
+    params = Hk * D * h + bias * Hk * D + Hk * sides * D // 2 + norm
     flops = 2 * h * Hk * D + 2 * Hk * sides * D // 2
     if shape.noisy_gating:
         params += Hk * sides * h
@@ -477,8 +479,29 @@ _UNSUPPORTED = {
 }
 
 
+# ModelShape field -> our flag's args name (MoEExtConfig field).
+EXT_SHAPE_FIELDS = {
+    "router_type": "moe_router_type",
+    "noisy_gating": "moe_router_noisy_gating",
+    "pk_heads": "moe_pk_heads",
+    "pk_key_dim": "moe_pk_key_dim",
+    "pk_grid_rows": "moe_pk_grid_rows",
+    "pk_query_norm": "moe_pk_query_norm",
+    "peer_num_experts": "moe_peer_num_experts",
+    "peer_layers": "moe_peer_layers",
+    "peer_heads": "moe_peer_heads",
+    "peer_topk": "moe_peer_topk",
+    "peer_key_dim": "moe_peer_key_dim",
+    "peer_subkey_topk": "moe_peer_subkey_topk",
+    "peer_query_norm": "moe_peer_query_norm",
+    "peer_shared_ffn_hidden_size": "moe_peer_shared_ffn_hidden_size",
+}
+
+
 def shape_from_args(args: Any) -> ModelShape:
-    """ModelShape from Megatron's parsed args (an argparse Namespace; validated or not)."""
+    """ModelShape from Megatron's parsed args (an argparse Namespace; validated or not). Our flags that
+    the namespace lacks (a parser without them) keep ModelShape's defaults (MoEExtConfig's, checked by
+    tests/unit/test_settings_once.py): absent PEER flags mean no PEER layer."""
     for name, flag in _UNSUPPORTED.items():
         if getattr(args, name, None):
             raise ValueError(f"{flag} {getattr(args, name)!r} is not modelled by the accounting; fix: drop {flag}")
@@ -494,7 +517,7 @@ def shape_from_args(args: Any) -> ModelShape:
         vocab = padded_vocab_size(args.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
     pattern = None
     if args.num_experts is not None:
-        freq = getattr(args, "moe_layer_freq", 1)
+        freq = args.moe_layer_freq
         if isinstance(freq, int):
             if freq < 1:
                 raise ValueError(f"--moe-layer-freq {freq} must be >= 1 (every Nth layer is MoE)")
@@ -522,22 +545,8 @@ def shape_from_args(args: Any) -> ModelShape:
         moe_ffn_hidden_size=args.moe_ffn_hidden_size,
         topk=args.moe_router_topk,
         shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
-        shared_expert_gate=bool(getattr(args, "moe_shared_expert_gate", False)),
-        router_type=getattr(args, "moe_router_type", "topk"),
-        noisy_gating=bool(getattr(args, "moe_router_noisy_gating", False)),
-        pk_heads=getattr(args, "moe_pk_heads", 1),
-        pk_key_dim=getattr(args, "moe_pk_key_dim", 128),
-        pk_grid_rows=getattr(args, "moe_pk_grid_rows", None),
-        pk_query_norm=getattr(args, "moe_pk_query_norm", "batchnorm"),
-        # Namespaces without our PEER flags (plain Megatron parsers) have no PEER layer.
-        peer_num_experts=getattr(args, "moe_peer_num_experts", None),
-        peer_layers=getattr(args, "moe_peer_layers", "middle"),
-        peer_heads=getattr(args, "moe_peer_heads", 8),
-        peer_topk=getattr(args, "moe_peer_topk", 16),
-        peer_key_dim=getattr(args, "moe_peer_key_dim", 128),
-        peer_subkey_topk=getattr(args, "moe_peer_subkey_topk", None),
-        peer_query_norm=getattr(args, "moe_peer_query_norm", "batchnorm"),
-        peer_shared_ffn_hidden_size=getattr(args, "moe_peer_shared_ffn_hidden_size", None),
+        shared_expert_gate=bool(args.moe_shared_expert_gate),
+        **{field: getattr(args, flag) for field, flag in EXT_SHAPE_FIELDS.items() if hasattr(args, flag)},
     )
 
 
@@ -556,7 +565,7 @@ def _router_kind(acc: Accounting) -> str:
     noisy = ", noisy gating" if shape.noisy_gating else ""
     if shape.router_type != "product_key":
         return f"  [dense top-k{noisy}]"
-    from megatron_moe_ext.router_settings import product_key_layout
+    from megatron_moe_ext.settings.router import product_key_layout
 
     lay = product_key_layout(acc.num_experts, acc.topk, heads=shape.pk_heads, key_dim=shape.pk_key_dim,
                              grid_rows=shape.pk_grid_rows)

@@ -12,26 +12,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_moe_ext.balancing.settings import check_balance_settings
 from megatron_moe_ext.config import MEGATRON_DEFAULT_TOPK, MoEExtConfig
-from megatron_moe_ext.granularity import (
-    DERIVED_SETTINGS,
-    derive_fine_grained,
-    explicit_conflicts,
-)
-from megatron_moe_ext.peer_settings import (
-    check_peer_parallel,
-    check_peer_subkey_loss,
-    peer_layer_numbers,
-    peer_layout,
-)
-from megatron_moe_ext.router_settings import check_router_settings
+from megatron_moe_ext.settings import MoEExtSettings, build_settings
+from megatron_moe_ext.settings.granularity import check_upcycling_granularity
 
 GROUP_TITLE = "megatron-moe-ext"
+# TransformerConfig field -> Megatron's args name, where they differ (for the fields our settings read).
+ARGS_NAMES = {"num_moe_experts": "num_experts"}
 
 
 def ext_field_names() -> list[str]:
@@ -53,105 +45,52 @@ def add_ext_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def apply_ext_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Derive Megatron's MoE args from ours; ValueError on contradictions (before any process group)."""
-    _derive_granularity(args)
-    _check_router_args(args)
-    _check_balance_args(args)
-    _check_peer_args(args)
-    _default_expert_tensor_parallel(args)
+    """Derive Megatron's MoE args from ours; ValueError on contradictions (before any process group).
+
+    The settings are built and checked by ``settings.build_settings``, the same code the config runs;
+    the values they derive (granularity sizes, top-k) are written into ``args`` for Megatron's
+    ``validate_args``.
+    """
+    check_upcycling_granularity(
+        args.moe_granularity, upcycling=args.moe_use_upcycling, upcycling_granularity=args.moe_upcycling_granularity
+    )
+    ext = build_settings(args_getter(args), default_topk=MEGATRON_DEFAULT_TOPK)
+    for name, value in ext.derived:
+        setattr(args, ARGS_NAMES.get(name, name), value)
+    if ext.experts.ours and args.num_experts and args.expert_tensor_parallel_size is None:
+        # Our experts are not split over TP (too small to be worth it; expert_settings refuses
+        # expert-TP > 1). Megatron defaults --expert-tensor-parallel-size to the TP size, which would make a
+        # plain `--tensor-model-parallel-size 2` run fail after the ranks start: unset, it is 1 with ours.
+        args.expert_tensor_parallel_size = 1
     return args
 
 
-def _default_expert_tensor_parallel(args: argparse.Namespace) -> None:
-    """Our experts are not split over TP (too small to be worth it; FineGrainedExperts refuses
-    expert-TP > 1). Megatron defaults --expert-tensor-parallel-size to the TP size, which would make
-    a plain `--tensor-model-parallel-size 2` run fail after the ranks start: unless the user set
-    it, it is 1 with our experts."""
-    ours = getattr(args, "num_experts", None) and getattr(args, "moe_expert_backend", "megatron") != "megatron"
-    if ours and getattr(args, "expert_tensor_parallel_size", 1) is None:
-        args.expert_tensor_parallel_size = 1
+def args_getter(args: argparse.Namespace):
+    """``get(name)`` by TransformerConfig/MoEExtConfig field name over Megatron's args (``ARGS_NAMES``)."""
+    return lambda name: getattr(args, ARGS_NAMES.get(name, name))
 
 
-def _check_peer_args(args: argparse.Namespace) -> None:
-    if args.moe_peer_num_experts is None:
-        return
-    peer_layout(
-        args.moe_peer_num_experts, heads=args.moe_peer_heads, topk=args.moe_peer_topk,
-        key_dim=args.moe_peer_key_dim, subkey_topk=args.moe_peer_subkey_topk,
-    )
-    peer_layer_numbers(args.moe_peer_layers, args.num_layers)
-    check_peer_parallel(
-        shard=args.moe_peer_shard, tp=args.tensor_model_parallel_size, ep=args.expert_model_parallel_size
-    )
-    check_peer_subkey_loss(marginals=args.moe_peer_subkey_loss_marginals, stride=args.moe_peer_subkey_loss_stride)
+def settings_from_args(args: argparse.Namespace) -> MoEExtSettings:
+    """The settings of parsed args (after ``apply_ext_args``: the same values the config gets), or of a
+    saved namespace (a flag it lacks reads as its default, ``saved_arg``)."""
+    return build_settings(lambda name: saved_arg(args, ARGS_NAMES.get(name, name)), default_topk=MEGATRON_DEFAULT_TOPK)
 
 
-def _check_balance_args(args: argparse.Namespace) -> None:
-    check_balance_settings(
-        losses=args.moe_balance_losses,
-        coeffs=args.moe_balance_coeffs,
-        policy=args.moe_balance_coeff_policy,
-        metrics=args.moe_balance_metrics,
-        usage_window=args.moe_balance_usage_window,
-        router_type=args.moe_router_type,
-        num_experts=args.num_experts,
-        ep_size=args.expert_model_parallel_size,
-        peer_num_experts=args.moe_peer_num_experts,
-    )
+def saved_arg(args: argparse.Namespace, name: str):
+    """``args.<name>``; for a namespace without it (saved by an older version, or a parser without our
+    flags) the flag's default, from the flag definitions (Megatron's and ours, generated from
+    MoEExtConfig's fields), never restated; None for a flag no current parser defines (a removed one)."""
+    if hasattr(args, name):
+        return getattr(args, name)
+    return _flag_defaults().get(name)
 
 
-def _check_router_args(args: argparse.Namespace) -> None:
-    names = {"num_moe_experts": "num_experts"}  # Megatron's args name for that config field
-    check_router_settings(lambda name: getattr(args, names.get(name, name), None))
+@functools.cache
+def _flag_defaults() -> dict[str, object]:
+    from megatron.training.arguments import add_megatron_arguments
 
-
-def _derive_granularity(args: argparse.Namespace) -> None:
-    if args.moe_granularity is None:
-        if args.moe_num_shared_experts:
-            raise ValueError(
-                f"--moe-num-shared-experts {args.moe_num_shared_experts} needs --moe-granularity (shared "
-                "experts are sized ffn_hidden_size/G); fix: add --moe-granularity or use "
-                "--moe-shared-expert-intermediate-size"
-            )
-        if args.moe_router_topk is None:
-            args.moe_router_topk = MEGATRON_DEFAULT_TOPK
-        return
-    if getattr(args, "moe_use_upcycling", False) and getattr(args, "moe_upcycling_granularity", 1) != 1:
-        raise ValueError(
-            f"--moe-upcycling-granularity {args.moe_upcycling_granularity} with --moe-granularity "
-            f"{args.moe_granularity}: the upcycling granularity is G itself (--ffn-hidden-size stays the "
-            "dense size); fix: drop --moe-upcycling-granularity"
-        )
-    if args.moe_expansion_rate is None:
-        raise ValueError(
-            f"--moe-granularity {args.moe_granularity} needs --moe-expansion-rate (E, experts = E*G); fix: add e.g. --moe-expansion-rate 8"
-        )
-    if args.ffn_hidden_size is None:
-        raise ValueError(
-            f"--moe-granularity {args.moe_granularity} derives expert sizes from the dense FFN size; fix: pass --ffn-hidden-size"
-        )
-    sizes = derive_fine_grained(
-        args.ffn_hidden_size,
-        args.moe_granularity,
-        args.moe_expansion_rate,
-        args.moe_base_topk,
-        num_shared_experts=args.moe_num_shared_experts,
-        expert_parallel_size=args.expert_model_parallel_size,
-        fp8_recipe=(args.fp8_recipe if getattr(args, "fp8", None) else None),
-    )
-    dest = {"num_moe_experts": "num_experts"}  # Megatron's args name for that config field
-    explicit = {
-        field: (f"{flag} ", getattr(args, dest.get(name, name))) for field, (name, flag) in DERIVED_SETTINGS.items()
-    }
-    conflicts = explicit_conflicts(sizes, explicit)
-    if conflicts:
-        raise ValueError(
-            f"--moe-granularity {args.moe_granularity} --moe-expansion-rate {args.moe_expansion_rate} "
-            f"--moe-base-topk {args.moe_base_topk} contradict {'; '.join(conflicts)}. Fix: drop those flags "
-            "(they are derived from G) or drop --moe-granularity."
-        )
-    for field, (name, _) in DERIVED_SETTINGS.items():
-        setattr(args, dest.get(name, name), getattr(sizes, field))
+    parser = add_ext_args(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    return vars(parser.parse_args([]))
 
 
 def parse_megatron_args(

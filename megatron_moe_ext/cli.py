@@ -61,6 +61,10 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
 }
 
 
+# Sub-commands that import megatron-core (export-hf reads checkpoints with torch alone).
+NEEDS_MEGATRON = frozenset({"train", "launch", "analyze", "compare", "import-hf", "flops"})
+
+
 def _usage() -> str:
     lines = ["usage: megatron-moe-ext SUBCOMMAND [ARGS...]", "", "sub-commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -79,6 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"megatron-moe-ext: unknown sub-command {name!r}; choose from {', '.join(COMMANDS)}\n", file=sys.stderr)
         print(_usage(), file=sys.stderr)
         return 2
+    if name in NEEDS_MEGATRON and not {"-h", "--help"} & set(rest):
+        from megatron_moe_ext._compat import check_megatron_core_version
+
+        try:  # before any Megatron import: a missing or out-of-range megatron-core is one line with the fix
+            check_megatron_core_version()
+        except (ImportError, ValueError) as err:
+            print(f"megatron-moe-ext {name}: error: {err}", file=sys.stderr)
+            return 2
     return COMMANDS[name][0](rest)
 
 

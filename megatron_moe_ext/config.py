@@ -2,7 +2,10 @@
 
 Every field has a docstring: the command-line flags are generated from them (``args.py``), and
 ``core_transformer_config_from_args(args, config_class=MoEExtConfig)`` fills them from the flags.
-Validation raises ValueError naming the values and the fix, before any model is built.
+``__post_init__`` builds and checks every feature's settings with ``settings.build_settings`` (the code
+the flag path runs too), writes the values they derive into the fields, and keeps them as ``config.ext``
+(an ``MoEExtSettings``; layers read it through ``settings.ext_settings(config)``). Validation raises
+ValueError naming the values and the fix, before any model is built.
 
 No ``from __future__ import annotations`` here: Megatron's ArgumentGroupFactory reads the field
 types as real types to build the flags.
@@ -10,42 +13,28 @@ types as real types to build the flags.
 
 
 import dataclasses
+from typing import Any
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_moe_ext.balancing.settings import (
-    BALANCE_LOSSES,
-    COEFF_POLICIES,
-    check_balance_settings,
-)
-from megatron_moe_ext.granularity import (
-    DERIVED_SETTINGS,
-    derive_fine_grained,
-    explicit_conflicts,
-)
 from megatron_moe_ext.layers.query_norm import QUERY_NORMS
-from megatron_moe_ext.peer_settings import (
+from megatron_moe_ext.settings import MoEExtSettings, build_settings
+from megatron_moe_ext.settings.access import register_field_defaults
+from megatron_moe_ext.settings.balancing import BALANCE_LOSSES, COEFF_POLICIES
+from megatron_moe_ext.settings.experts import DEFAULT_EXPERT_BACKEND, EXPERT_BACKENDS
+from megatron_moe_ext.settings.peer import (
     PEER_ACTIVATIONS,
     PEER_BACKENDS,
     PEER_GATES,
     PEER_SHARDS,
     PEER_SUBKEY_MARGINALS,
-    check_peer_parallel,
-    check_peer_subkey_loss,
-    peer_layer_numbers,
-    peer_layout,
 )
-from megatron_moe_ext.router_settings import (
-    BIAS_UPDATE_RULES,
-    ROUTER_TYPES,
-    check_router_settings,
-)
+from megatron_moe_ext.settings.router import BIAS_UPDATE_RULES, ROUTER_TYPES
 
-# Megatron's own default for moe_router_topk; an unchanged default counts as "not set by the user"
-# when a granularity derives the top-k (the flag path detects an explicit value exactly).
-MEGATRON_DEFAULT_TOPK = 2
+# Megatron's own default for moe_router_topk (read from its field); an unchanged default counts as
+# "not set by the user" when a granularity derives the top-k (the flag path detects an explicit value exactly).
+MEGATRON_DEFAULT_TOPK = next(f.default for f in dataclasses.fields(TransformerConfig) if f.name == "moe_router_topk")
 
-EXPERT_BACKENDS = ("grouped", "segmented", "padded", "loop", "eager", "megatron", "te")
 
 
 @dataclasses.dataclass
@@ -70,7 +59,7 @@ class MoEExtConfig(TransformerConfig):
     shared expert MLP to num_shared_experts*ffn_hidden_size/G. Needs --moe-granularity."""
 
     moe_expert_backend: str = dataclasses.field(
-        default="grouped", metadata={"argparse_meta": {"choices": EXPERT_BACKENDS}}
+        default=DEFAULT_EXPERT_BACKEND, metadata={"argparse_meta": {"choices": EXPERT_BACKENDS}}
     )
     """Expert computation: 'grouped' (default: torch's grouped GEMM on CUDA, the segmented kernel
     elsewhere), 'segmented' (one autograd function of per-expert matmuls on row slices, no padding),
@@ -265,103 +254,43 @@ class MoEExtConfig(TransformerConfig):
     dense pass as costly as the retrieval's scoring, thinned by --moe-peer-subkey-loss-stride).
     Both equal the coefficient at balanced rows and columns."""
 
-    def peer_layer_numbers(self) -> list[int]:
-        """1-based numbers of the PEER layers (empty without --moe-peer-num-experts)."""
-        if self.moe_peer_num_experts is None:
-            return []
-        return peer_layer_numbers(self.moe_peer_layers, self.num_layers)
-
     def __post_init__(self) -> None:
-        if self.moe_expert_backend not in EXPERT_BACKENDS:
-            raise ValueError(
-                f"moe_expert_backend={self.moe_expert_backend!r} is unknown; choose from {', '.join(EXPERT_BACKENDS)}"
-            )
-        if self.moe_granularity is not None:
-            self._apply_granularity()
-        elif self.moe_num_shared_experts:
-            raise ValueError(
-                f"moe_num_shared_experts={self.moe_num_shared_experts} needs moe_granularity (shared experts "
-                "are sized ffn_hidden_size/G); fix: set --moe-granularity, or use Megatron's "
-                "--moe-shared-expert-intermediate-size"
-            )
-        self._check_router()
-        self._check_balancing()
-        self._check_peer()
-        super().__post_init__()
-
-    def _check_peer(self) -> None:
-        if self.moe_peer_num_experts is None:
-            return
-        peer_layout(
-            self.moe_peer_num_experts, heads=self.moe_peer_heads, topk=self.moe_peer_topk,
-            key_dim=self.moe_peer_key_dim, subkey_topk=self.moe_peer_subkey_topk,
-        )
-        if len(self.peer_layer_numbers()) < self.num_layers:
+        ext = build_settings(self._settings_getter(), default_topk=MEGATRON_DEFAULT_TOPK)
+        for name, value in ext.derived:
+            setattr(self, name, value)
+        # Not a field: Megatron's dataclass machinery (flags, replace, asdict) sees only the fields, and
+        # dataclasses.replace / a new config rebuild it; copies and pickles carry it in __dict__.
+        self.ext: MoEExtSettings = ext
+        if ext.peer.layers and len(ext.peer.layers) < self.num_layers:
             # PEER and other MLPs in one stack have different parameters, so checkpoints cannot
             # stack them along a layer axis: Megatron's per-layer keys (its own switch for that).
             self.hetereogenous_dist_checkpoint = True
-        check_peer_parallel(
-            shard=self.moe_peer_shard, tp=self.tensor_model_parallel_size, ep=self.expert_model_parallel_size
-        )
-        check_peer_subkey_loss(marginals=self.moe_peer_subkey_loss_marginals, stride=self.moe_peer_subkey_loss_stride)
-        if self.moe_peer_chunk_pairs < 1:
-            raise ValueError(f"moe_peer_chunk_pairs={self.moe_peer_chunk_pairs} must be >= 1; fix: e.g. 16384")
-
-    def _check_balancing(self) -> None:
-        check_balance_settings(
-            losses=self.moe_balance_losses,
-            coeffs=self.moe_balance_coeffs,
-            policy=self.moe_balance_coeff_policy,
-            metrics=self.moe_balance_metrics,
-            usage_window=self.moe_balance_usage_window,
-            router_type=self.moe_router_type,
-            num_experts=self.num_moe_experts,
-            ep_size=self.expert_model_parallel_size,
-            peer_num_experts=self.moe_peer_num_experts,
-        )
-        if "global_expert" in (self.moe_balance_losses or []) or self.moe_balance_metrics:
-            self._install_step_hook()
-
-    def _install_step_hook(self) -> None:
-        """Once-per-step work (bias updates, global-batch counts reset, step metrics)."""
-        if self.finalize_model_grads_func is None:
-            from megatron_moe_ext.balancing.bias_update import (
-                finalize_model_grads_with_balancing,
-            )
+        if ext.needs_step_hook and self.finalize_model_grads_func is None:
+            # Once-per-step work (bias updates, global-batch counts reset, step metrics).
+            from megatron_moe_ext.balancing.bias_update import finalize_model_grads_with_balancing
 
             self.finalize_model_grads_func = finalize_model_grads_with_balancing
+        super().__post_init__()
 
-    def _check_router(self) -> None:
-        check_router_settings(lambda name: getattr(self, name))
-        if self.moe_pk_bias_balancing or self.moe_pk_expert_bias_balancing:
-            self._install_step_hook()
+    def _settings_getter(self):
+        """``get(name)`` over this config for ``build_settings``; Megatron's default top-k reads as unset."""
 
-    def _apply_granularity(self) -> None:
-        if self.moe_expansion_rate is None:
-            raise ValueError(
-                f"moe_granularity={self.moe_granularity} needs moe_expansion_rate (E, experts = E*G); "
-                "fix: add --moe-expansion-rate (e.g. 8)"
-            )
-        sizes = derive_fine_grained(
-            self.ffn_hidden_size,
-            self.moe_granularity,
-            self.moe_expansion_rate,
-            self.moe_base_topk,
-            num_shared_experts=self.moe_num_shared_experts,
-            expert_parallel_size=self.expert_model_parallel_size,
-            fp8_recipe=(self.fp8_recipe if self.fp8 else None),
-        )
-        # Megatron's default top-k counts as unset: a config object cannot tell it from an explicit 2.
-        explicit = {
-            field: (f"{name}=", None if (name == "moe_router_topk" and getattr(self, name) == MEGATRON_DEFAULT_TOPK) else getattr(self, name))
-            for field, (name, _) in DERIVED_SETTINGS.items()
-        }
-        conflicts = explicit_conflicts(sizes, explicit)
-        if conflicts:
-            raise ValueError(
-                f"moe_granularity={self.moe_granularity}, moe_expansion_rate={self.moe_expansion_rate}, "
-                f"moe_base_topk={self.moe_base_topk} conflict with explicit settings: {'; '.join(conflicts)}. "
-                "Fix: drop the explicit values (they are derived from G), or drop --moe-granularity."
-            )
-        for field, (name, _) in DERIVED_SETTINGS.items():
-            setattr(self, name, getattr(sizes, field))
+        def get(name: str) -> Any:
+            value = getattr(self, name)
+            return None if name == "moe_router_topk" and value == MEGATRON_DEFAULT_TOPK else value
+
+        return get
+
+
+def _ext_field_defaults() -> dict[str, Any]:
+    """MoEExtConfig's own fields (not TransformerConfig's) -> their defaults."""
+    base = {f.name for f in dataclasses.fields(TransformerConfig)}
+    return {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(MoEExtConfig)
+        if f.name not in base
+    }
+
+
+# Layers read a plain TransformerConfig's settings from these defaults (settings.ext_settings).
+register_field_defaults(_ext_field_defaults(), default_topk=MEGATRON_DEFAULT_TOPK)

@@ -32,6 +32,7 @@ from megatron_moe_ext.layers.noisy_gating import NoisyTopKRouter
 from megatron_moe_ext.layers.norms import SequenceParallelTorchNorm
 from megatron_moe_ext.layers.peer import PEERLayer, local_mlp_builder
 from megatron_moe_ext.layers.product_key_router import ProductKeyRouter
+from megatron_moe_ext.settings import ext_settings
 
 
 _REPLACEABLE_NORMS: tuple[type, ...] = (WrappedTorchNorm,)
@@ -99,11 +100,11 @@ def router_class(config: TransformerConfig) -> type | None:
     ProductKeyRouter carries noisy gating and the balance losses/metrics itself; the dense router
     becomes a subclass only for the options that need one (balancing, noise, or both).
     """
-    if getattr(config, "moe_router_type", "topk") == "product_key":
+    ext = ext_settings(config)
+    if ext.router.router_type == "product_key":
         return ProductKeyRouter
-    noisy = getattr(config, "moe_router_noisy_gating", False)
-    balancing = bool(getattr(config, "moe_balance_losses", None)) or getattr(config, "moe_balance_metrics", False)
-    if balancing:
+    noisy = ext.router.noisy_gating
+    if ext.balance.requested:
         return BalancedNoisyTopKRouter if noisy else BalancedTopKRouter
     if noisy:
         return NoisyTopKRouter
@@ -113,15 +114,16 @@ def router_class(config: TransformerConfig) -> type | None:
 def moe_ext_gpt_block_spec(config: TransformerConfig, vp_stage: int | None = None) -> TransformerBlockSubmodules:
     """``local_gpt_block_spec`` with this package's layers chosen by the config's fields."""
     config = getattr(config, "transformer", config)
+    ext = ext_settings(config)
     block = local_gpt_block_spec(config, vp_stage=vp_stage)
     replacements: dict[str, type] = {}
-    if getattr(config, "moe_expert_backend", "megatron") != "megatron":
+    if ext.experts.ours:
         replacements["experts"] = FineGrainedExperts
     router = router_class(config)
     if router is not None:
         replacements["router"] = router
     layers = [_with_moe_submodules(spec, **replacements) for spec in block.layer_specs]
-    peer_numbers = set(config.peer_layer_numbers()) if hasattr(config, "peer_layer_numbers") else set()
+    peer_numbers = set(ext.peer.layers)
     if peer_numbers:
         from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 

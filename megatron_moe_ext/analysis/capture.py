@@ -131,17 +131,14 @@ def main(argv: list[str]) -> None:
     run one after the other in the same ranks, so the start-up is paid once."""
     if not argv:
         raise SystemExit("usage: python -m megatron_moe_ext.analysis.capture PLAN.json [PLAN.json ...]")
-    cpu = not torch.cuda.is_available()
-    if cpu:
-        from megatron_moe_ext.runtime import enable_cpu_runtime, init_gloo_from_env
+    from megatron_moe_ext.runtime.rank import setup_rank
 
-        enable_cpu_runtime()
-        init_gloo_from_env()
-    else:
+    if torch.cuda.is_available():
         import os
 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group("nccl")
+    setup_rank("analysis")  # without CUDA: the CPU runtime and gloo
     from megatron.core import parallel_state as ps
 
     for plan_file in argv:

@@ -18,8 +18,9 @@ import copy
 
 import torch
 
+from megatron_moe_ext.checkpoint.model import build_model, load_model  # noqa: F401 (re-exported)
 from megatron_moe_ext.checkpoint.torch_dist import read_args, resolve_iteration  # noqa: F401 (re-exported)
-from megatron_moe_ext.peer_settings import peer_layer_numbers
+from megatron_moe_ext.settings.peer import peer_layer_numbers
 
 
 def read_checkpoint_args(iter_dir: str) -> argparse.Namespace:
@@ -29,12 +30,14 @@ def read_checkpoint_args(iter_dir: str) -> argparse.Namespace:
 
 def routed_layers(args: argparse.Namespace) -> dict[int, str]:
     """1-based layer number -> 'moe' or 'peer' for every layer that routes tokens to experts."""
+    from megatron_moe_ext.args import saved_arg
+
     layers: dict[int, str] = {}
     if args.num_experts is not None:
-        freq = getattr(args, "moe_layer_freq", 1)
+        freq = saved_arg(args, "moe_layer_freq")
         pattern = [1 if i % freq == 0 else 0 for i in range(args.num_layers)] if isinstance(freq, int) else list(freq)
         layers.update({i + 1: "moe" for i, is_moe in enumerate(pattern) if is_moe})
-    if getattr(args, "moe_peer_num_experts", None):
+    if saved_arg(args, "moe_peer_num_experts"):
         layers.update({n: "peer" for n in peer_layer_numbers(args.moe_peer_layers, args.num_layers)})
     return dict(sorted(layers.items()))
 
@@ -55,6 +58,8 @@ def analysis_args(args: argparse.Namespace, *, tp: int, ep: int, world_size: int
                   micro_batch_size: int) -> argparse.Namespace:
     """The checkpoint's namespace with the runtime replaced: the analysis layout, no pipeline/context parallelism,
     fp32 on CPU (bf16 matmuls there are slow and add nothing to routing statistics), no optimizer."""
+    from megatron_moe_ext.args import saved_arg
+
     a = copy.copy(args)
     a.tensor_model_parallel_size = tp
     a.pipeline_model_parallel_size = 1
@@ -75,10 +80,10 @@ def analysis_args(args: argparse.Namespace, *, tp: int, ep: int, world_size: int
     a.recompute_granularity = None
     a.recompute_method = None
     a.load, a.save, a.pretrained_checkpoint = None, None, None
-    if getattr(a, "moe_peer_num_experts", None):
+    if saved_arg(a, "moe_peer_num_experts"):
         # PEER tables shard over EP, over TP, or not at all; follow the analysis layout, not the training one.
         a.moe_peer_shard = "ep" if ep > 1 and tp == 1 else "tp"
-    if (getattr(a, "moe_peer_subkey_loss_stride", 1) or 1) > 1 and not hasattr(a, "moe_peer_subkey_loss_marginals"):
+    if saved_arg(a, "moe_peer_subkey_loss_stride") > 1 and not hasattr(a, "moe_peer_subkey_loss_marginals"):
         # Saved before --moe-peer-subkey-loss-marginals existed, when a stride thinned the (then only) full
         # marginals; the new default 'candidates' refuses a stride.
         a.moe_peer_subkey_loss_marginals = "full"
@@ -88,60 +93,3 @@ def analysis_args(args: argparse.Namespace, *, tp: int, ep: int, world_size: int
         a.transformer_impl = "local"
         a.gradient_accumulation_fusion = False
     return a
-
-
-def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    """Build the model of ``args`` on this rank, through the train entry's config class, GPT builder and specs.
-
-    Needs torch.distributed initialised with ``args.world_size`` ranks; initialises Megatron's model-parallel
-    groups for ``args``' layout and sets Megatron's global args."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-    from megatron.training.argument_utils import gpt_config_from_args
-    from megatron.training.global_vars import set_args
-
-    from megatron_moe_ext.args import config_from_args
-    from megatron_moe_ext.specs import moe_ext_gpt_block_spec
-    from megatron_moe_ext.training.model_config import (
-        MoEExtGPTModelBuilder,
-        MoEExtGPTModelConfig,
-    )
-
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(
-            tensor_model_parallel_size=args.tensor_model_parallel_size,
-            expert_model_parallel_size=args.expert_model_parallel_size,
-            expert_tensor_parallel_size=args.expert_tensor_parallel_size,
-        )
-    model_parallel_cuda_manual_seed(args.seed)
-    set_args(args)  # the builder (upcycling check) and a few Megatron helpers read the global args
-    config = config_from_args(args)
-    model_cfg = gpt_config_from_args(args, config=config, model_config_cls=MoEExtGPTModelConfig)
-    if model_cfg.transformer_layer_spec is None:
-        model_cfg.transformer_layer_spec = moe_ext_gpt_block_spec
-    model = MoEExtGPTModelBuilder(model_cfg).build_model(ProcessGroupCollection.use_mpu_process_groups())
-    if torch.cuda.is_available():
-        model = model.cuda()
-    return model
-
-
-def load_model(iter_dir: str, args: argparse.Namespace) -> torch.nn.Module:
-    """Build the model of ``args`` (from :func:`analysis_args`) on this rank and load ``iter_dir``'s weights.
-
-    Needs torch.distributed initialised with ``args.world_size`` ranks; initialises Megatron's model-parallel
-    groups for the analysis layout."""
-    from megatron.core import dist_checkpointing
-
-    model = build_model(args)
-    # The metadata megatron.training saved the model with (its sharded keys depend on it).
-    sharded = model.sharded_state_dict(metadata={"singleton_local_shards": False})
-    state = dist_checkpointing.load({"model": sharded}, iter_dir)
-    result = model.load_state_dict(state["model"], strict=False)
-    # Only Megatron's optional extra states (FP8 metadata and the like) may be absent.
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{iter_dir} does not fit the model rebuilt from its own arguments: missing {missing[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}")
-    model.eval()
-    return model

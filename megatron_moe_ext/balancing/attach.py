@@ -4,7 +4,7 @@ The wiring between the pure functions (``losses.py``, ``step_metrics.py``) and M
 ``BalancingMixin`` is mixed into our TopKRouter subclasses (``layers/balanced_router.py``) and the
 product-key router. Per micro-batch (training forward with gradients only, like Megatron's aux
 losses) it counts selections, all-reduces them over the group each loss needs (table in
-``settings.py``), and attaches each loss to the routing probabilities through
+``settings/balancing.py``), and attaches each loss to the routing probabilities through
 ``TopKRouter.attach_and_log_load_balancing_loss``, i.e. Megatron's ``MoEAuxLossAutoScaler``, so
 the loss is scaled exactly like Megatron's own (``1/num_microbatches`` and the loss scale, or
 per-token-loss scaling) and logged under its name. Once per step, ``finalize_model_grads_with_balancing``
@@ -42,14 +42,9 @@ from megatron_moe_ext.balancing.losses import (
     subkey_marginal_loss,
 )
 from megatron_moe_ext.balancing.metrics import UsageWindow
-from megatron_moe_ext.balancing.settings import (
-    EP_METRICS,
-    LOAD_METRICS,
-    LOSS_LOG_NAMES,
-    PRODUCT_KEY_METRICS,
-    balance_coefficients,
-)
 from megatron_moe_ext.balancing.step_metrics import step_load_metrics, usage_fraction
+from megatron_moe_ext.settings import ext_settings
+from megatron_moe_ext.settings.balancing import EP_METRICS, LOAD_METRICS, LOSS_LOG_NAMES, PRODUCT_KEY_METRICS
 
 Tensor = torch.Tensor
 
@@ -127,21 +122,16 @@ class BalancingMixin:
     ``config``, ``topk``, process groups, ``attach_and_log_load_balancing_loss``, ``layer_number``).
 
     The subclass calls ``_init_balancing`` at the end of ``__init__``, then per forward
-    ``_count_step_load`` and ``_attach_balance_losses``. Settings: ``MoEExtConfig``'s
-    moe_balance_* fields; without them (a plain TransformerConfig) nothing happens.
+    ``_count_step_load`` and ``_attach_balance_losses``. Settings: the config's ``BalanceSettings``
+    (``ext_settings(config).balance``); a plain TransformerConfig has none on.
     """
 
     def _init_balancing(self, pg_collection) -> None:
         cfg = self.config
-        coefficients = balance_coefficients(
-            getattr(cfg, "moe_balance_losses", None),
-            getattr(cfg, "moe_balance_coeffs", None),
-            getattr(cfg, "moe_balance_coeff_policy", None),
-            getattr(cfg, "moe_granularity", None),
-        )
-        self.balance_losses: list[tuple[str, float]] = [(n, c) for n, c in coefficients if c > 0]
-        self.balance_metrics = bool(getattr(cfg, "moe_balance_metrics", False))
-        self.balance_usage_window = int(getattr(cfg, "moe_balance_usage_window", 100))
+        ext = ext_settings(cfg)
+        self.balance_losses: list[tuple[str, float]] = list(ext.balance.losses)
+        self.balance_metrics = ext.balance.metrics
+        self.balance_usage_window = ext.balance.usage_window
         ep_group = getattr(pg_collection, "ep", None)
         # Megatron's placement (BaseMoELayer): EP rank r holds experts [r*N/D, (r+1)*N/D).
         self.balance_ep_size = ep_group.size() if ep_group is not None else 1
@@ -153,7 +143,7 @@ class BalancingMixin:
                     f"the {name} balance loss needs an EP group of >= 2 ranks, this router's has "
                     f"{self.balance_ep_size}; fix: --expert-model-parallel-size >= 2, or the expert loss"
                 )
-        if "subkey" in kinds and self._balance_grid() is None and getattr(cfg, "moe_peer_num_experts", None):
+        if "subkey" in kinds and self._balance_grid() is None and ext.peer.enabled:
             # --moe-balance-losses subkey is for the PEER layers of this model, not this dense router.
             self.balance_losses = [(n, c) for n, c in self.balance_losses if n != "subkey"]
             kinds.discard("subkey")

@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from megatron_moe_ext.settings.balancing import DEFAULT_COEFF_POLICY, GRANULARITY_POLICIES
+
 Tensor = torch.Tensor
 
 
@@ -526,15 +528,11 @@ def _candidate_mass(v_THc: Tensor, idx_THc: Tensor, f_Hn: Tensor) -> Tensor:
 # Coefficient policy across granularity
 # ----------------------------------------------------------------------------------------------------------
 
-# Multiplier of the G = 1 coefficient for each policy (derivation in coefficient_for_granularity).
-GRANULARITY_POLICIES = {
-    "constant": lambda g: 1.0,
-    "constant_gradient": lambda g: math.sqrt(g),
-    "constant_gradient_per_expert": lambda g: float(g),
-}
+# The policies (GRANULARITY_POLICIES: multiplier of the G = 1 coefficient) are settings, defined in
+# settings/balancing.py; their derivation is here.
 
 
-def coefficient_for_granularity(coeff: float, granularity: int, policy: str = "constant_gradient") -> float:
+def coefficient_for_granularity(coeff: float, granularity: int, policy: str = DEFAULT_COEFF_POLICY) -> float:
     """The coefficient to use at granularity G, given ``coeff`` tuned for the coarse model (G = 1), along the
     fine-grained family N = E*G routed experts, K = k0*G routed top-k (Krajewski et al., arXiv 2402.07871).
 

@@ -52,14 +52,10 @@ from megatron_moe_ext.balancing.attach import (
 )
 from megatron_moe_ext.balancing.losses import count_subkeys
 from megatron_moe_ext.balancing.metrics import UsageWindow
-from megatron_moe_ext.balancing.settings import (
-    LOAD_METRICS,
-    LOSS_LOG_NAMES,
-    PRODUCT_KEY_METRICS,
-    balance_coefficients,
-)
 from megatron_moe_ext.balancing.step_metrics import step_load_metrics, usage_fraction
 from megatron_moe_ext.kernels.product_keys import Candidates, product_key_half_scores
+from megatron_moe_ext.settings.balancing import LOAD_METRICS, LOSS_LOG_NAMES, PRODUCT_KEY_METRICS, BalanceSettings
+from megatron_moe_ext.settings.peer import PEERSettings
 
 Tensor = torch.Tensor
 
@@ -70,7 +66,7 @@ def set_aux_loss_scale_without_moe(config, cp_size: int, device: torch.device) -
     scale = loss_scale (per-token loss) or loss_scale * cp / num_microbatches (schedules.forward_step,
     Megatron 0.19); num_microbatches is 1 outside Megatron's training loop (calculator unset).
     """
-    if getattr(config, "num_moe_experts", None) is not None:
+    if config.num_moe_experts is not None:
         return  # Megatron's schedule sets it after every micro-batch's loss
     from megatron.core.pipeline_parallel.schedules import _get_moe_loss_scale
 
@@ -81,7 +77,7 @@ def set_aux_loss_scale_without_moe(config, cp_size: int, device: torch.device) -
     except (AttributeError, AssertionError, TypeError):  # calculator not initialised (tests, benchmarks)
         micro = 1
     scale = _get_moe_loss_scale(config, device)
-    if not getattr(config, "calculate_per_token_loss", False):
+    if not config.calculate_per_token_loss:
         scale = scale * cp_size / micro
     MoEAuxLossAutoScaler.set_loss_scale(scale.reshape(()) if scale.numel() == 1 else scale)
 
@@ -89,27 +85,23 @@ def set_aux_loss_scale_without_moe(config, cp_size: int, device: torch.device) -
 class PEERBalancing(torch.nn.Module):
     """The balance loss and step metrics of one PEER layer (child module: found by the finalize hook).
 
-    ``loss_group``: ranks holding other tokens of the same sequences (TP x CP with SP, else CP);
-    ``count_group``: all ranks with distinct tokens (that x DP). Holds no parameters and no
-    checkpointed state (the usage history starts empty after a resume, like the routers').
+    ``config``: Megatron's fields (layers, MTP, per-token loss, loss scale); ``balance`` and ``peer``:
+    the run's settings (``ext_settings(config)``). ``loss_group``: ranks holding other tokens of the
+    same sequences (TP x CP with SP, else CP); ``count_group``: all ranks with distinct tokens (that x
+    DP). Holds no parameters and no checkpointed state (the usage history starts empty after a resume,
+    like the routers').
     """
 
-    def __init__(self, config, *, heads: int, grid: int, topk: int, num_experts: int, loss_group, count_group,
-                 cp_size: int = 1, is_mtp_layer: bool = False) -> None:
+    def __init__(self, config, *, balance: BalanceSettings, peer: PEERSettings, heads: int, grid: int, topk: int,
+                 num_experts: int, loss_group, count_group, cp_size: int = 1, is_mtp_layer: bool = False) -> None:
         super().__init__()
         self.config = config
-        coefficients = balance_coefficients(
-            getattr(config, "moe_balance_losses", None),
-            getattr(config, "moe_balance_coeffs", None),
-            getattr(config, "moe_balance_coeff_policy", None),
-            getattr(config, "moe_granularity", None),
-        )
         # Only the subkey loss applies to PEER (the others balance Megatron's routers).
-        self.subkey_coeff = dict(coefficients).get("subkey", 0.0)
-        self.marginals = getattr(config, "moe_peer_subkey_loss_marginals", "candidates")
-        self.score_stride = int(getattr(config, "moe_peer_subkey_loss_stride", 1) or 1)
-        self.metrics = bool(getattr(config, "moe_balance_metrics", False))
-        self.usage_window = int(getattr(config, "moe_balance_usage_window", 100))
+        self.subkey_coeff = dict(balance.losses).get("subkey", 0.0)
+        self.marginals = peer.subkey_loss_marginals
+        self.score_stride = peer.subkey_loss_stride
+        self.metrics = balance.metrics
+        self.usage_window = balance.usage_window
         self.heads, self.grid, self.topk, self.num_experts = heads, grid, topk, num_experts
         self.loss_group, self.balance_count_group = loss_group, count_group
         self.cp_size, self.is_mtp_layer = cp_size, is_mtp_layer
@@ -156,13 +148,13 @@ class PEERBalancing(torch.nn.Module):
         """``TopKRouter.attach_and_log_load_balancing_loss`` for a module that is not a router."""
         set_aux_loss_scale_without_moe(self.config, self.cp_size, gates_TK.device)
         cfg = self.config
-        num_layers = cfg.num_layers + (getattr(cfg, "mtp_num_layers", None) or 0)
+        num_layers = cfg.num_layers + (cfg.mtp_num_layers or 0)
         layer = self.layer_number + cfg.num_layers if (self.is_mtp_layer and self.layer_number) else self.layer_number
         get_moe_metrics_tracker().record(
             LOSS_LOG_NAMES["subkey"], loss.detach() / self.subkey_coeff, layer, num_layers,
             reduce_group=self.loss_group, needs_dp_avg=True,
         )
-        if getattr(cfg, "calculate_per_token_loss", False):
+        if cfg.calculate_per_token_loss:
             # Megatron's per-token path: cancels the global token count finalize_model_grads divides by.
             n_local = _token_count(valid_T, T, gates_TK.device)
             return MoEAuxLossAutoScaler.apply(gates_TK, loss * n_local * _size(self.loss_group))
@@ -203,7 +195,7 @@ class PEERBalancing(torch.nn.Module):
         values["pk_rows_used"] = (packed[N:N + H * n] > 0).float().mean()
         values["pk_cols_used"] = (packed[N + H * n:] > 0).float().mean()
         cfg = self.config
-        num_layers = cfg.num_layers + (getattr(cfg, "mtp_num_layers", None) or 0)
+        num_layers = cfg.num_layers + (cfg.mtp_num_layers or 0)
         tracker = get_moe_metrics_tracker()
         for name in list(LOAD_METRICS) + list(PRODUCT_KEY_METRICS):
             # x micro-batches: Megatron's report averages a metric over micro-batches (see attach.py).

@@ -107,12 +107,12 @@ def _fill_rank(flags: list[str], state_file: str, save_dir: str) -> list[str]:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
     from megatron.training.checkpointing import save_checkpoint
 
-    from megatron_moe_ext.analysis.checkpoint_model import build_model
-    from megatron_moe_ext.training.rank_entry import parse_rank_args
+    from megatron_moe_ext.args import parse_megatron_args
+    from megatron_moe_ext.checkpoint.model import build_model
 
     canonical = torch.load(state_file, weights_only=True)
     with contextlib.redirect_stdout(io.StringIO()):  # Megatron prints every argument; the command prints its own
-        args = parse_rank_args([*flags, "--save", save_dir])
+        args = parse_megatron_args([*flags, "--save", save_dir])
         model = build_model(args)
     used: set[str] = set()
     problems: list[str] = []
@@ -151,14 +151,27 @@ def _fill_rank(flags: list[str], state_file: str, save_dir: str) -> list[str]:
     return flags
 
 
+def _fill_entry(argv: list[str]) -> None:
+    """The rank started by :func:`import_hf` (``argv``: its job file): set up, fill, save; a ValueError (the HF
+    tensors do not fit) is written to the job's error file for the launcher to report."""
+    from megatron_moe_ext.runtime.rank import setup_rank
+
+    with open(argv[0]) as f:
+        job = json.load(f)
+    setup_rank("import")
+    try:
+        _fill_rank(job["flags"], job["state_file"], job["save_dir"])
+    except ValueError as err:
+        with open(job["error_file"], "w") as f:
+            f.write(str(err))
+        raise SystemExit(2) from None
+
+
 def import_hf(folder: str, out: str, *, tp: int = 1, log=print) -> str:
     """Import the HF ``folder`` into the new checkpoint directory ``out``; returns ``out``. The Megatron flags
     that rebuild the model (tokenizer and vocabulary included) are written to ``out/megatron_flags.txt``."""
-    from megatron_moe_ext.testing.distributed import (
-        DistributedTestError,
-        run_distributed,
-    )
-    from megatron_moe_ext.training.train import CPU_ARGS
+    from megatron_moe_ext.runtime.local_ranks import start_local_ranks
+    from megatron_moe_ext.runtime.rank import CPU_ARGS
 
     config_file = os.path.join(folder, "config.json")
     if not os.path.isfile(config_file):
@@ -186,7 +199,10 @@ def import_hf(folder: str, out: str, *, tp: int = 1, log=print) -> str:
         user_flags += ["--seq-length", seq]
     if "--max-position-embeddings" not in user_flags:
         user_flags += ["--max-position-embeddings", seq]
-    rank_flags = [*CPU_ARGS, "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1",
+    # The rank only builds and saves (no forward): the model flags alone say whether the MLPs fuse bias and GELU
+    # (saved with the checkpoint's args, what a re-export reads), not the CPU runtime's --no-bias-gelu-fusion.
+    cpu_args = [f for f in CPU_ARGS if f != "--no-bias-gelu-fusion"]
+    rank_flags = [*cpu_args, "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1",
                   "--lr", "1e-4", "--ckpt-format", "torch_dist", "--save-interval", "1", "--hidden-dropout", "0", "--attention-dropout",
                   "0", *user_flags]
 
@@ -197,14 +213,18 @@ def import_hf(folder: str, out: str, *, tp: int = 1, log=print) -> str:
         del canonical
         save_dir = os.path.join(tmp, "ckpt")
         log(f"import-hf: {folder} ({model_type}) -> {out}")
-        try:
-            run_distributed(_fill_rank, 1, rank_flags, state_file, save_dir, timeout_s=3600)
-        except DistributedTestError as err:
+        job = os.path.join(tmp, "job.json")
+        with open(job, "w") as f:
+            json.dump({"flags": rank_flags, "state_file": state_file, "save_dir": save_dir,
+                       "error_file": os.path.join(tmp, "error.txt")}, f)
+        # One local rank (gloo on CPU), one intra-op thread: this process has run tensor code already.
+        rc = start_local_ranks(_fill_entry, [job], 1, threads_per_rank=1, preload=("megatron.training",))
+        if os.path.exists(os.path.join(tmp, "error.txt")):
             # A mismatch found on the rank is the user's input problem: report its message, not a traceback.
-            found = re.findall(r"ValueError: (.+)", str(err))
-            if found:
-                raise ValueError(found[-1]) from None
-            raise
+            with open(os.path.join(tmp, "error.txt")) as f:
+                raise ValueError(f.read())
+        if rc != 0:
+            raise RuntimeError(f"import-hf: the checkpoint-writing rank failed (exit code {rc}); see its traceback above")
         os.rename(os.path.join(save_dir, "iter_0000000"), os.path.join(save_dir, "release"))
         with open(os.path.join(save_dir, TRACKER), "w") as f:
             f.write("release")

@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
-from megatron_moe_ext.kernels.peer_experts import _table_grad_result, _table_grad_target, pair_tokens
-from megatron_moe_ext.runtime.huge_pages import collapse_huge
+from megatron_moe_ext.kernels.peer_common import _table_grad_result, _table_grad_target
+from megatron_moe_ext.kernels.peer_reference import pair_tokens
+from megatron_moe_ext.kernels.huge_pages import collapse_huge
 
 Tensor = torch.Tensor
 _SOURCE = Path(__file__).with_name("csrc") / "peer_cpu.cpp"

@@ -46,13 +46,8 @@ import os
 
 import torch
 
-from megatron_moe_ext.kernels.peer_experts import (
-    ACTIVATIONS,
-    _table_grad_result,
-    _table_grad_target,
-    check_inputs,
-    pair_tokens,
-)
+from megatron_moe_ext.kernels.peer_common import _table_grad_result, _table_grad_target, check_inputs
+from megatron_moe_ext.kernels.peer_reference import ACTIVATIONS, pair_tokens
 
 try:  # Triton is optional: the module must import (and ``available()`` answer False) without it.
     import triton

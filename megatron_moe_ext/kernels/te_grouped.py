@@ -22,7 +22,10 @@ wgrad      x_e [m, K]                   NT      dy_e [m, O] -> dW_e [O, K]
 
 Experts with no rows are left out of the GEMM lists (their weight gradient is zero), so TE never
 sees an empty operand. The activation and the probability scaling are plain torch ops between the
-two grouped GEMMs, differentiated by autograd.
+two grouped GEMMs, differentiated by autograd; so are the optional expert biases (gathered per row:
+fc1's added before the activation, fc2's scaled by the probability after fc2, as in
+``expert_mlp.py``). Under FP8 the padded rows get the fc1 bias too, but their probability is zero,
+so nothing of them reaches the output or a gradient.
 
 FP8
 ---
@@ -72,7 +75,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from megatron_moe_ext import _compat
-from megatron_moe_ext.granularity import FP8_ALIGNMENT
+from megatron_moe_ext.settings.granularity import FP8_ALIGNMENT
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -407,6 +410,9 @@ def expert_mlp_with_api(
     w2_EHF: torch.Tensor,
     probs_N: torch.Tensor,
     activation: Activation,
+    *,
+    b1_EF1: torch.Tensor | None = None,
+    b2_EH: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The kernel body, given the TE entry points (no device checks: tests run it with stand-ins)."""
     counts = [int(c) for c in tokens_per_expert]
@@ -437,9 +443,19 @@ def expert_mlp_with_api(
         x = x_NH.new_zeros(sum(counts), hidden).index_copy(0, dest_N, x_NH)
         probs = probs_N.new_zeros(sum(counts)).index_copy(0, dest_N, probs_N)
     splits = tuple(counts)
-    h_NF = activation(_TEGroupedLinear.apply(x, w1, splits, api, fp8))
+    expert_N = None
+    if b1_EF1 is not None or b2_EH is not None:
+        # Each (padded) row's expert, to gather per-row biases (the grouped GEMM takes none).
+        counts_E = torch.tensor(list(counts), dtype=torch.long, device=x.device)
+        expert_N = torch.repeat_interleave(torch.arange(len(counts_E), device=x.device), counts_E)
+    h_NF1 = _TEGroupedLinear.apply(x, w1, splits, api, fp8)
+    if b1_EF1 is not None:
+        h_NF1 = h_NF1 + b1_EF1.to(x.dtype)[expert_N]  # the GEMM dtype, as the weights
+    h_NF = activation(h_NF1)
     h_NF = (h_NF * probs.unsqueeze(-1)).to(h_NF.dtype)
     out_NH = _TEGroupedLinear.apply(h_NF, w2, splits, api, fp8)
+    if b2_EH is not None:
+        out_NH = (out_NH + b2_EH[expert_N] * probs.unsqueeze(-1)).to(out_NH.dtype)
     return out_NH if dest_N is None else out_NH.index_select(0, dest_N)
 
 
@@ -450,8 +466,13 @@ def expert_mlp_te(
     w2_EHF: torch.Tensor,
     probs_N: torch.Tensor,
     activation: Activation,
+    *,
+    b1_EF1: torch.Tensor | None = None,
+    b2_EH: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Transformer Engine grouped GEMMs for both projections (FP8 under a TE autocast; see the
-    module docstring). ValueError without TE, or for tensors not on a CUDA device."""
-    api = require_te(x_NH, w1_EF1H, w2_EHF)
-    return expert_mlp_with_api(api, x_NH, tokens_per_expert, w1_EF1H, w2_EHF, probs_N, activation)
+    module docstring), optional expert biases. ValueError without TE, or for tensors not on a CUDA
+    device."""
+    api = require_te(x_NH, w1_EF1H, w2_EHF, *(b for b in (b1_EF1, b2_EH) if b is not None))
+    return expert_mlp_with_api(api, x_NH, tokens_per_expert, w1_EF1H, w2_EHF, probs_N, activation,
+                               b1_EF1=b1_EF1, b2_EH=b2_EH)

@@ -25,13 +25,15 @@ class BalancedTopKRouter(BalancingMixin, TopKRouter):
     """TopKRouter plus ``--moe-balance-losses`` and ``--moe-balance-metrics``."""
 
     def __init__(
-        self, config: TransformerConfig, pg_collection: ProcessGroupCollection | None = None, is_mtp_layer: bool = False
+        self, config: TransformerConfig, pg_collection: ProcessGroupCollection | None = None, is_mtp_layer: bool = False,
+        **router_kwargs,  # what newer Megatron adds (dev: layer_number=) goes on to TopKRouter
     ) -> None:
-        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, **router_kwargs)
         self._init_balancing(pg_collection)
 
-    def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        probs_TN, routing_map_TN = super().routing(logits, padding_mask=padding_mask)
+    def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None, **routing_kwargs):
+        # routing_kwargs: what newer Megatron passes (dev: input_ids=, packed_seq_params=), for TopKRouter
+        probs_TN, routing_map_TN = super().routing(logits, padding_mask=padding_mask, **routing_kwargs)
         if not self._balancing_active():
             return probs_TN, routing_map_TN
         seq_length, bsz = logits.shape[:2]

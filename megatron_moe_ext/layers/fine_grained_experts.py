@@ -2,19 +2,24 @@
 
 Megatron's SequentialMLP runs one module (two Linear layers) per expert: at granularity 64 that
 is hundreds of tiny matmuls plus Python overhead per layer. Here all local experts live in two
-stacked parameters, ``linear_fc1.weight [E_local, F1, H]`` and ``linear_fc2.weight [E_local, H, F]``,
-and one kernel call computes them all (``kernels/expert_mlp.py``, chosen by name).
+stacked parameters, ``linear_fc1.weight [E_local, F1, H]`` and ``linear_fc2.weight [E_local, H, F]``
+(with ``add_bias_linear``, Megatron's default, also ``linear_fc1.bias [E_local, F1]`` and
+``linear_fc2.bias [E_local, H]``, zero-initialised as Megatron's Linear layers do), and one kernel
+call computes them all (``kernels/expert_mlp.py``, chosen by name).
 
 Contract (megatron/core/transformer/moe/moe_layer.py, experts call): input rows grouped by local
 expert, ``tokens_per_expert`` counts (a CPU tensor for the allgather/alltoall dispatchers), the
-routing probabilities applied by the experts after the activation, ``(output, None)`` returned;
-expert parameters carry ``allreduce=False`` so DDP reduces them over the expert-data-parallel
-group and the distributed optimizer keeps them in its expert optimizer.
+routing probabilities applied by the experts after the activation AND to the fc2 bias
+(SequentialMLP's ``MLP.forward`` with ``per_token_scale``: ``output += output_bias * probs``; the fc1
+bias is added before the activation, unscaled), ``(output, None)`` returned (as SequentialMLP: the
+bias is already in the output); expert parameters carry ``allreduce=False`` so DDP reduces them over
+the expert-data-parallel group and the distributed optimizer keeps them in its expert optimizer.
 
 Checkpoints: ``sharded_state_dict`` writes the keys and global shapes of SequentialMLP
 (``...experts.experts.linear_fc1.weight`` of global shape [E, F1, H] after Megatron's layer axis,
-gate rows before up rows), so a checkpoint moves between this module and Megatron's own experts,
-and between expert-parallel sizes, at load time.
+gate rows before up rows; ``...experts.experts.linear_fc1.bias`` [E, F1], ``linear_fc2.bias`` [E, H]),
+so a checkpoint moves between this module and Megatron's own experts, and between expert-parallel
+sizes, at load time.
 
 Legend: E local experts, H hidden, F expert hidden, F1 = F or 2F (gated), N routed rows.
 """
@@ -29,14 +34,16 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe_ext.kernels.expert_mlp import get_expert_mlp_kernel
+from megatron_moe_ext.settings import ext_settings
 
 
 class _StackedLinear(torch.nn.Module):
-    """Holds one stacked weight so state-dict keys read ``linear_fc1.weight`` like Megatron's."""
+    """Holds one stacked weight (and bias) so state-dict keys read ``linear_fc1.weight`` like Megatron's."""
 
-    def __init__(self, weight: torch.nn.Parameter) -> None:
+    def __init__(self, weight: torch.nn.Parameter, bias: torch.nn.Parameter | None) -> None:
         super().__init__()
         self.weight = weight
+        self.register_parameter("bias", bias)
 
 
 class FineGrainedExperts(MegatronModule):
@@ -50,11 +57,9 @@ class FineGrainedExperts(MegatronModule):
         name: str | None = None,
     ) -> None:
         super().__init__(config=config)
-        if config.add_bias_linear:
-            raise ValueError(
-                "FineGrainedExperts has no expert biases (add_bias_linear=True); fix: --disable-bias-linear, "
-                "or --moe-expert-backend megatron"
-            )
+        # Checked before any rank starts on the flag path (settings/experts.py); here for configs
+        # built in code.
+        settings = ext_settings(config).experts
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         self.ep_group = pg_collection.ep
@@ -76,22 +81,47 @@ class FineGrainedExperts(MegatronModule):
                 for e in range(num_local_experts):
                     config.init_method(w1[e])
                     config.output_layer_init_method(w2[e])
-        self.linear_fc1 = _StackedLinear(torch.nn.Parameter(w1))
-        self.linear_fc2 = _StackedLinear(torch.nn.Parameter(w2))
-        for param, partition_dim in ((self.linear_fc1.weight, 1), (self.linear_fc2.weight, 2)):
+        b1 = b2 = None
+        if settings.bias:
+            b1 = torch.empty(num_local_experts, fc1_rows, dtype=config.params_dtype, device=device)
+            b2 = torch.empty(num_local_experts, hidden, dtype=config.params_dtype, device=device)
+            if config.perform_initialization:  # Megatron's Linear layers: "Always initialize bias to zero"
+                b1.zero_()
+                b2.zero_()
+        self.linear_fc1 = _StackedLinear(torch.nn.Parameter(w1), None if b1 is None else torch.nn.Parameter(b1))
+        self.linear_fc2 = _StackedLinear(torch.nn.Parameter(w2), None if b2 is None else torch.nn.Parameter(b2))
+        # The attributes of SequentialMLP's parameters, on the stacked axes: fc1 (column-parallel)
+        # weight and bias and fc2's weight are tensor-model-parallel, fc2's (row-parallel) bias is
+        # not. (fc2's bias gets no ``sequence_parallel`` mark, which RowParallelLinear gives it: with
+        # expert TP 1 its gradient is complete after the expert-data-parallel reduction, which
+        # spans the TP ranks; finalize_model_grads would add it up over TP a second time.)
+        for param, partition_dim in ((self.linear_fc1.weight, 1), (self.linear_fc2.weight, 2),
+                                     (self.linear_fc1.bias, 1), (self.linear_fc2.bias, None)):
+            if param is None:
+                continue
             param.allreduce = False  # expert grads are reduced over expert-data-parallel ranks only
-            param.tensor_model_parallel = True
-            param.partition_dim = partition_dim
-            param.partition_stride = 1
+            if partition_dim is not None:
+                param.tensor_model_parallel = True
+                param.partition_dim = partition_dim
+                param.partition_stride = 1
             param.expert_axis = 0  # axis of the stacked tensor that indexes experts
         self._register_load_state_dict_pre_hook(self._drop_extra_state)
-        self.backend = getattr(config, "moe_expert_backend", "grouped")
+        self.backend = settings.backend
         self._kernel = get_expert_mlp_kernel(self.backend)
 
     def _activation(self, h: torch.Tensor) -> torch.Tensor:
-        act = self.config.activation_func
-        if self.config.gated_linear_unit:
+        """Megatron's MLP activation (mlp.py, the unfused path; the fused kernels compute the same):
+        for GLUs ``act(clamp(gate)) * (clamp(up) + glu_linear_offset)``, with the optional
+        ``activation_func_clamp_value``."""
+        config = self.config
+        act = config.activation_func
+        if config.gated_linear_unit:
             gate, up = torch.chunk(h, 2, dim=-1)
+            if (clamp := config.activation_func_clamp_value) is not None:
+                gate = gate.clamp(min=None, max=clamp)
+                up = up.clamp(min=-clamp, max=clamp)
+            if config.glu_linear_offset:
+                up = up + config.glu_linear_offset
             return act(gate) * up
         return act(h)
 
@@ -102,7 +132,7 @@ class FineGrainedExperts(MegatronModule):
         permuted_probs: torch.Tensor,
         **unused: object,
     ) -> tuple[torch.Tensor, None]:
-        """Rows grouped by local expert -> expert outputs, probabilities applied (no bias)."""
+        """Rows grouped by local expert -> expert outputs, probabilities and biases applied."""
         x_NH, probs_N = permuted_local_hidden_states, permuted_probs
         if self.config.moe_apply_probs_on_input:
             x_NH = (probs_N.unsqueeze(-1) * x_NH).to(x_NH.dtype)
@@ -111,7 +141,8 @@ class FineGrainedExperts(MegatronModule):
             return self._empty_output(x_NH, probs_N), None
         counts = tokens_per_expert.tolist() if isinstance(tokens_per_expert, torch.Tensor) else list(tokens_per_expert)
         out_NH = self._kernel(
-            x_NH, counts, self.linear_fc1.weight, self.linear_fc2.weight, probs_N, self._activation
+            x_NH, counts, self.linear_fc1.weight, self.linear_fc2.weight, probs_N, self._activation,
+            b1_EF1=self.linear_fc1.bias, b2_EH=self.linear_fc2.bias,
         )
         return out_NH, None
 
@@ -123,9 +154,13 @@ class FineGrainedExperts(MegatronModule):
         other ranks waiting in a mismatched collective (seen as a gloo size error in training).
         """
         w1_F1H, w2_HF = self.linear_fc1.weight[0], self.linear_fc2.weight[0]
-        h_NF = self._activation(torch.nn.functional.linear(x_NH, w1_F1H))
+        b1, b2 = self.linear_fc1.bias, self.linear_fc2.bias
+        h_NF = self._activation(torch.nn.functional.linear(x_NH, w1_F1H, None if b1 is None else b1[0]))
         h_NF = (h_NF * probs_N.unsqueeze(-1)).to(h_NF.dtype)
-        return torch.nn.functional.linear(h_NF, w2_HF)
+        out_NH = torch.nn.functional.linear(h_NF, w2_HF)
+        if b2 is not None:
+            out_NH = (out_NH + b2[0] * probs_N.unsqueeze(-1)).to(out_NH.dtype)
+        return out_NH
 
     def backward_dw(self) -> None:
         """No deferred weight-gradient computation (called by Megatron's delayed-wgrad schedule)."""
@@ -140,16 +175,20 @@ class FineGrainedExperts(MegatronModule):
         replica_id = (0, 0, self.dp_group.rank())
         sharded: dict = {}
         for name in ("linear_fc1", "linear_fc2"):
-            param = getattr(self, name).weight
-            key = f"{prefix}experts.{name}.weight"
-            sharded[f"{prefix}{name}.weight"] = ShardedTensor.from_rank_offsets(
-                key,
-                param,
-                *sharded_offsets,
-                (prepend, ep_rank, ep_size),
-                replica_id=replica_id,
-                prepend_axis_num=prepend,
-            )
+            # Weights and biases: SequentialMLP's per-expert tensors with the expert axis in front
+            # (a gated fc1's [gate; up] halves, which it saves as two pieces, are contiguous here).
+            for attr in ("weight", "bias"):
+                param = getattr(getattr(self, name), attr)
+                if param is None:
+                    continue
+                sharded[f"{prefix}{name}.{attr}"] = ShardedTensor.from_rank_offsets(
+                    f"{prefix}experts.{name}.{attr}",
+                    param,
+                    *sharded_offsets,
+                    (prepend, ep_rank, ep_size),
+                    replica_id=replica_id,
+                    prepend_axis_num=prepend,
+                )
             # SequentialMLP's Linear layers also save (empty) extra state per expert; writing it
             # keeps checkpoints loadable by Megatron's own experts.
             layer_shape = tuple(s[2] for s in sharded_offsets)

@@ -29,9 +29,10 @@ class NoisyTopKRouter(TopKRouter):
     """
 
     def __init__(
-        self, config: TransformerConfig, pg_collection: ProcessGroupCollection | None = None, is_mtp_layer: bool = False
+        self, config: TransformerConfig, pg_collection: ProcessGroupCollection | None = None, is_mtp_layer: bool = False,
+        **router_kwargs,  # what newer Megatron adds (dev: layer_number=) goes on to TopKRouter
     ) -> None:
-        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, **router_kwargs)
         self.noise_weight = torch.nn.Parameter(
             torch.zeros(config.num_moe_experts, config.hidden_size, dtype=config.params_dtype)
         )

@@ -12,6 +12,15 @@ head's k scores in fp32, and
 with u, v two N x hidden tables. All heads share the pool, so G = heads * k experts per token.
 The experts' compute is a backend of ``kernels/peer_experts.py`` chosen by name.
 
+Biases (``add_bias_linear``, Megatron's default). The query projection is a linear layer and gets
+its bias: q = norm(W_q x + b_q), ``query_bias`` [H*D], same dtype as ``query_weight``, replicated and
+``sequence_parallel`` like it, zero-initialised (Megatron's linear-layer convention; a random b_q
+would push every token's query the same way at step 0). Under the batch-norm query norm b_q is
+cancelled by the batch mean (zero gradient, it stays at zero). The single-neuron experts get no
+bias: PEER's expert is act(u_e . x) v_e, a neuron, not a linear layer (a bias per expert would be
+two more N-row tables). The dense branch is Megatron's MLP and has its biases from Megatron. Without
+add_bias_linear there is no ``query_bias`` (checkpoints of such runs load as before).
+
 Parallelism, through Megatron's own process groups (like its row-parallel layers):
 - shard 'tp': u and v split by expert id over the tensor-parallel group (tagged
   ``tensor_model_parallel``, partition_dim 0). Each rank computes the contributions of its own
@@ -20,7 +29,7 @@ Parallelism, through Megatron's own process groups (like its row-parallel layers
 - shard 'ep': u and v split over the expert-parallel group (``allreduce=False``: DDP reduces them
   over expert-data-parallel ranks). Tokens, gates and ids are all-gathered within the EP group,
   partial outputs reduce-scattered back.
-- Retrieval (query weight, sub-keys, query norm) is replicated. It runs on the rank's own tokens
+- Retrieval (query weight and bias, sub-keys, query norm) is replicated. It runs on the rank's own tokens
   and only the selected gates travel; the gates' gradient comes back summed over the shard group
   (all-reduce or reduce-scatter), so retrieval gradients are those of one rank: identical on TP
   ranks without SP, partial (tagged ``sequence_parallel``, all-reduced by finalize_model_grads)
@@ -57,8 +66,9 @@ from megatron_moe_ext.kernels.peer_experts import peer_experts
 from megatron_moe_ext.kernels.peer_reference import peer_gates, uniform_offsets
 from megatron_moe_ext.kernels.product_keys import product_key_topk_with_candidates
 from megatron_moe_ext.layers.query_norm import QueryNorm
-from megatron_moe_ext.peer_settings import check_peer_parallel, peer_layout, table_shard
-from megatron_moe_ext.runtime.huge_pages import empty_huge
+from megatron_moe_ext.settings import ext_settings
+from megatron_moe_ext.settings.peer import check_peer_parallel, table_shard
+from megatron_moe_ext.kernels.huge_pages import empty_huge
 
 TABLE_NAMES = ("u", "v")
 logger = logging.getLogger(__name__)
@@ -76,16 +86,13 @@ def local_mlp_builder():
     )
 
 
-def _cfg(config: TransformerConfig, name: str, default):
-    return getattr(config, name, default)
-
-
 class PEERLayer(MegatronModule):
     """Megatron MLP-slot module (``TransformerLayerSubmodules.mlp``): forward(hidden [S, B, h],
     padding_mask [B, S] True = padding) -> (out [S, B, h], None).
 
-    Settings from ``MoEExtConfig``'s ``moe_peer_*`` fields; ``shared_mlp`` builds the optional dense
-    branch (Megatron's MLP, given ``ffn_hidden_size``) when moe_peer_shared_ffn_hidden_size is set.
+    Settings from the config's ``PEERSettings`` (``ext_settings(config).peer``, the ``moe_peer_*``
+    fields); ``shared_mlp`` builds the optional dense branch (Megatron's MLP, given
+    ``ffn_hidden_size``) when moe_peer_shared_ffn_hidden_size is set.
     """
 
     def __init__(
@@ -100,16 +107,15 @@ class PEERLayer(MegatronModule):
         # Called as observer(layer, x_Th, ids_TK, gates_TK) after retrieval when set; a forward hook cannot see
         # the selections (the layer returns only its output), and analysis must not recompute them.
         self.routing_observer = None
-        self.layout = peer_layout(
-            _cfg(config, "moe_peer_num_experts", None) or 0,
-            heads=_cfg(config, "moe_peer_heads", 8),
-            topk=_cfg(config, "moe_peer_topk", 16),
-            key_dim=_cfg(config, "moe_peer_key_dim", 128),
-            subkey_topk=_cfg(config, "moe_peer_subkey_topk", None),
-        )
+        ext = ext_settings(config)
+        settings = ext.peer
+        if settings.layout is None:
+            raise ValueError("PEERLayer needs PEER settings (moe_peer_num_experts is unset); fix: --moe-peer-num-experts "
+                             "(a perfect square, e.g. 1048576)")
+        self.layout = settings.layout
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
-        self.shard_mode = _cfg(config, "moe_peer_shard", "tp")
+        self.shard_mode = settings.shard
         check_peer_parallel(shard=self.shard_mode, tp=pg_collection.tp.size(), ep=pg_collection.ep.size())
         self.tp_group = pg_collection.tp
         self.dp_cp_group = pg_collection.dp_cp
@@ -128,30 +134,35 @@ class PEERLayer(MegatronModule):
         # Tokens differ across the shard group (sequence shards, or EP = data-parallel ranks).
         self.tokens_distinct = shards > 1 and (self.shard_mode == "ep" or sp)
         self.sequence_parallel = sp
-        self.activation = _cfg(config, "moe_peer_activation", "gelu")
-        self.gate = _cfg(config, "moe_peer_gate", "softmax")
-        self.backend = _cfg(config, "moe_peer_backend", "auto")
-        self.chunk_pairs = _cfg(config, "moe_peer_chunk_pairs", 16384)
-        self.deterministic = _cfg(config, "moe_peer_deterministic", False)
+        self.activation = settings.activation
+        self.gate = settings.gate
+        self.backend = settings.backend
+        self.chunk_pairs = settings.chunk_pairs
+        self.deterministic = settings.deterministic
         self.layer_number: int | None = None
 
         H, D, n, hidden = self.layout.heads, self.layout.key_dim, self.layout.grid, config.hidden_size
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         dtype = config.params_dtype
         self.query_weight = torch.nn.Parameter(torch.empty(H * D, hidden, dtype=dtype, device=device))
+        # q = W_q x + b_q with Megatron's add_bias_linear (module docstring: zero init, no expert biases).
+        self.query_bias = (
+            torch.nn.Parameter(torch.zeros(H * D, dtype=dtype, device=device)) if config.add_bias_linear else None
+        )
         self.row_keys = torch.nn.Parameter(torch.empty(H, n, D // 2, dtype=dtype, device=device))
         self.col_keys = torch.nn.Parameter(torch.empty(H, n, D // 2, dtype=dtype, device=device))
         # Batch statistics over the ranks holding distinct tokens: with SP the TP shards too; without
         # it TP ranks hold copies, which must not be counted twice (backward would sum copies).
         self.query_norm = QueryNorm(
-            _cfg(config, "moe_peer_query_norm", "batchnorm"), H, D,
+            settings.query_norm, H, D,
             stats_group=pg_collection.tp_dp_cp if sp else pg_collection.dp_cp, sequence_parallel=sp,
         )
         # Huge pages on CPU: the tables are read at random rows (runtime/huge_pages.py).
         self.u = torch.nn.Parameter(empty_huge((self.shard.rows, hidden), dtype=dtype, device=device))
         self.v = torch.nn.Parameter(empty_huge((self.shard.rows, hidden), dtype=dtype, device=device))
-        for param in (self.query_weight, self.row_keys, self.col_keys):
-            param.sequence_parallel = sp
+        for param in (self.query_weight, self.query_bias, self.row_keys, self.col_keys):
+            if param is not None:
+                param.sequence_parallel = sp
         for table in (self.u, self.v):
             table.peer_table = True  # picked up by the optimizer overrides (lr / weight-decay multipliers)
             if self.shard_mode == "tp":
@@ -165,14 +176,14 @@ class PEERLayer(MegatronModule):
         # --moe-balance-losses subkey / --moe-balance-metrics (balancing/peer.py). Loss counts over the
         # ranks holding other tokens of the same sequences, step load over all ranks with distinct tokens.
         balancing = PEERBalancing(
-            config, heads=H, grid=n, topk=self.layout.topk, num_experts=self.layout.num_experts,
+            config, balance=ext.balance, peer=settings, heads=H, grid=n, topk=self.layout.topk, num_experts=self.layout.num_experts,
             loss_group=pg_collection.tp_cp if sp else pg_collection.cp,
             count_group=pg_collection.tp_dp_cp if sp else pg_collection.dp_cp,
             cp_size=pg_collection.cp.size(), is_mtp_layer=is_mtp_layer,
         )
         self.balancing = balancing if balancing.enabled else None
         self.shared_mlp = None
-        shared_size = _cfg(config, "moe_peer_shared_ffn_hidden_size", None)
+        shared_size = settings.shared_ffn_hidden_size
         if shared_size:
             if shared_mlp is None:
                 shared_mlp = local_mlp_builder()
@@ -188,6 +199,8 @@ class PEERLayer(MegatronModule):
             return
         with torch.no_grad():
             self.config.init_method(self.query_weight)
+            if self.query_bias is not None:
+                self.query_bias.zero_()  # Megatron's linear-layer convention
             # Unit-variance half scores for unit-RMS queries.
             std = (self.layout.key_dim // 2) ** -0.5
             self.row_keys.normal_(std=std)
@@ -208,7 +221,8 @@ class PEERLayer(MegatronModule):
     def retrieve(self, x_Th: torch.Tensor, valid_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Global expert ids_TK (int64, heads in order, each head's k sorted by score) and fp32 gates_TK."""
         H, D, k = self.layout.heads, self.layout.key_dim, self.layout.topk
-        q_THD = torch.nn.functional.linear(x_Th, self.query_weight.to(x_Th.dtype)).view(-1, H, D)
+        bias = self.query_bias.to(x_Th.dtype) if self.query_bias is not None else None
+        q_THD = torch.nn.functional.linear(x_Th, self.query_weight.to(x_Th.dtype), bias).view(-1, H, D)
         q_THD = self.query_norm(q_THD, valid_T).float()
         subkeys = (self.row_keys.float(), self.col_keys.float())
         # The per-side candidates feed the default subkey loss (its gradient joins their sparse backward).

@@ -25,6 +25,19 @@ them is on (the routing outputs are [T, N] anyway); the z-loss uses logZ. Retrie
 (fp64 with ``--moe-router-dtype fp64``). Parameters are replicated and marked
 ``sequence_parallel`` like Megatron's router weight.
 
+Biases (``add_bias_linear``, Megatron's default). Megatron's TopKRouter adds ``router.bias`` [N]
+to its dense logits; a per-expert logit offset is not separable over the grid (the exact top-k
+needs s = a_i + b_j), so that bias is dropped with the dense gate. The bias of the router's linear
+map goes to the query projection instead: q = norm(W_q x + b_q), ``query_bias`` [H*D], replicated
+and ``sequence_parallel`` like ``query_weight``, same dtype, in the checkpoint as ``router.query_bias``.
+With one head and no query norm this is exactly a TopKRouter with weight K W_q and bias K b_q.
+Init: zero, the convention of Megatron's linear layers (``ColumnParallelLinear`` zeroes its bias),
+not Megatron's Router (``init_method`` on its bias): a random b_q moves every token's query the
+same way, a shared preference for the same experts at step 0, whereas zero starts from the
+bias-free router. Under the batch-norm query norm b_q is cancelled by the batch mean (its
+gradient is zero, it stays at zero); it is kept so the parameter set depends on add_bias_linear
+alone. Without add_bias_linear there is no ``query_bias`` (checkpoints of such runs load as before).
+
 Auxiliary-loss-free balancing for product keys (``moe_pk_bias_balancing``; Wang et al. 2024,
 arXiv 2408.15664, made separable): per-head row biases [H, n1] and column biases [H, n2] are added
 to a and b for the selection only (the search stays exact for the biased scores), the gates use
@@ -72,7 +85,7 @@ from megatron_moe_ext.kernels.product_key_core import (
 )
 from megatron_moe_ext.layers.noisy_gating import add_gating_noise
 from megatron_moe_ext.layers.query_norm import QueryNorm
-from megatron_moe_ext.router_settings import check_router_choice, product_key_layout
+from megatron_moe_ext.settings import ext_settings
 
 
 def product_key_full_scores(a_THn1: torch.Tensor, b_THn2: torch.Tensor, score_function: str) -> torch.Tensor:
@@ -90,9 +103,9 @@ def product_key_full_scores(a_THn1: torch.Tensor, b_THn2: torch.Tensor, score_fu
 class ProductKeyRouter(BalancingMixin, TopKRouter):
     """Megatron router (``MoESubmodules.router``) selecting experts by product keys.
 
-    Settings come from the config (``MoEExtConfig``: moe_pk_heads, moe_pk_key_dim,
-    moe_pk_subkey_topk, moe_pk_grid_rows, moe_pk_query_norm, moe_router_noisy_gating) and
-    Megatron's own routing fields (topk, score function, pre-softmax, scaling factor, aux-loss
+    Settings come from the config's ``RouterSettings`` (``ext_settings(config).router``: the
+    product-key layout, key dim, query norm, selection biases, noisy gating) and Megatron's own
+    routing fields (topk, score function, pre-softmax, scaling factor, aux-loss
     types and coefficients, z-loss, capacity factor, input jitter). ``--moe-balance-losses`` and
     ``--moe-balance-metrics`` come through ``BalancingMixin`` (``balancing/attach.py``): the subkey
     loss from the half scores and the selected ids in O(T H (n1 + n2)); the expert, sequence,
@@ -101,48 +114,44 @@ class ProductKeyRouter(BalancingMixin, TopKRouter):
     """
 
     def __init__(
-        self, config: TransformerConfig, pg_collection: ProcessGroupCollection | None = None, is_mtp_layer: bool = False
+        self, config: TransformerConfig, pg_collection: ProcessGroupCollection | None = None, is_mtp_layer: bool = False,
+        **router_kwargs,  # what newer Megatron adds (dev: layer_number=) goes on to TopKRouter
     ) -> None:
-        check_router_choice(
-            "product_key",
-            score_function=config.moe_router_score_function,
-            load_balancing_type=config.moe_router_load_balancing_type,
-            expert_bias=config.moe_router_enable_expert_bias,
-            num_groups=config.moe_router_num_groups,
-            group_topk=config.moe_router_group_topk,
-            router_fusion=config.moe_router_fusion,
-            force_load_balancing=config.moe_router_force_load_balancing,
-            routing_replay=config.moe_enable_routing_replay,
-        )
-        self.layout = product_key_layout(
-            config.num_moe_experts,
-            config.moe_router_topk,
-            heads=getattr(config, "moe_pk_heads", 1),
-            key_dim=getattr(config, "moe_pk_key_dim", 128),
-            subkey_topk=getattr(config, "moe_pk_subkey_topk", None),
-            grid_rows=getattr(config, "moe_pk_grid_rows", None),
-        )
-        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
-        # TopKRouter's constructor made a dense [N, h] gate (torch.empty: reserved, never touched,
-        # since reset_parameters is ours); product keys replace it.
+        # Checked with the config (settings/router.py): the layout and Megatron's routing options.
+        settings = ext_settings(config).router
+        if settings.pk_layout is None:
+            raise ValueError(
+                f"ProductKeyRouter with moe_router_type={settings.router_type!r}; fix: --moe-router-type product_key "
+                "(the config then checks the product-key layout)"
+            )
+        self.layout = settings.pk_layout
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, **router_kwargs)
+        # TopKRouter's constructor made a dense [N, h] gate and, with add_bias_linear, a logit bias [N]
+        # (torch.empty: reserved, never touched, since reset_parameters is ours); product keys replace
+        # the gate, and the query bias below replaces the logit bias (module docstring: not separable).
         del self.weight
         self.weight = None
         if self.bias is not None:
             del self.bias
             self.bias = None
 
-        H, D = self.layout.heads, getattr(config, "moe_pk_key_dim", 128)
+        H, D = self.layout.heads, settings.pk_key_dim
         self.key_dim = D
         sp = config.sequence_parallel
         self.query_weight = torch.nn.Parameter(torch.empty(H * D, config.hidden_size, dtype=torch.float32))
+        # q = W_q x + b_q with Megatron's add_bias_linear; zero-initialised (module docstring).
+        self.query_bias = (
+            torch.nn.Parameter(torch.zeros(H * D, dtype=torch.float32)) if config.add_bias_linear else None
+        )
         self.row_keys = torch.nn.Parameter(torch.empty(H, self.layout.rows, D // 2, dtype=torch.float32))
         self.col_keys = torch.nn.Parameter(torch.empty(H, self.layout.cols, D // 2, dtype=torch.float32))
         self.query_norm = QueryNorm(
-            getattr(config, "moe_pk_query_norm", "batchnorm"), H, D,
+            settings.pk_query_norm, H, D,
             stats_group=self.tp_dp_cp_group, sequence_parallel=sp,
         )
-        self.bias_balancing = bool(getattr(config, "moe_pk_bias_balancing", False))
-        self.expert_bias_balancing = bool(getattr(config, "moe_pk_expert_bias_balancing", False))
+        self.bias_balancing = settings.pk_bias_balancing
+        self.expert_bias_balancing = settings.pk_expert_bias_balancing
+        self.bias_update_rule = settings.pk_bias_update_rule
         # fp32 buffers like Megatron's expert_bias (kept fp32 in forward under Float16Module).
         if self.bias_balancing:
             self.register_buffer("row_bias", torch.zeros(H, self.layout.rows))
@@ -152,7 +161,7 @@ class ProductKeyRouter(BalancingMixin, TopKRouter):
         if self.expert_bias_balancing:
             self.register_buffer("pk_expert_bias", torch.zeros(H, self.layout.pool_size))
             self.register_buffer("local_expert_counts", torch.zeros(H, self.layout.pool_size), persistent=False)
-        self.noisy = bool(getattr(config, "moe_router_noisy_gating", False))
+        self.noisy = settings.noisy_gating
         if self.noisy:
             self.noise_row_weight = torch.nn.Parameter(torch.zeros(H * self.layout.rows, config.hidden_size))
             self.noise_col_weight = torch.nn.Parameter(torch.zeros(H * self.layout.cols, config.hidden_size))
@@ -164,6 +173,8 @@ class ProductKeyRouter(BalancingMixin, TopKRouter):
             return  # called by Router.__init__ before our parameters exist
         if self.config.perform_initialization:
             self.config.init_method(self.query_weight)
+            if self.query_bias is not None:
+                self.query_bias.data.zero_()  # Megatron's linear-layer convention, not its Router's
             # Unit-variance half scores for unit-RMS queries: std 1/sqrt(D/2) per sub-key entry.
             std = 1.0 / math.sqrt(self.key_dim // 2)
             torch.nn.init.normal_(self.row_keys, std=std)
@@ -184,7 +195,8 @@ class ProductKeyRouter(BalancingMixin, TopKRouter):
         dtype = self._retrieval_dtype()
         H, D = self.layout.heads, self.key_dim
         x_Th = input_Th.to(dtype)
-        q_THD = torch.nn.functional.linear(x_Th, self.query_weight.to(dtype)).view(-1, H, D)
+        bias = self.query_bias.to(dtype) if self.query_bias is not None else None
+        q_THD = torch.nn.functional.linear(x_Th, self.query_weight.to(dtype), bias).view(-1, H, D)
         q_THD = self.query_norm(q_THD, valid_T).to(dtype)
         a_THn1, b_THn2 = product_key_half_scores(q_THD, (self.row_keys.to(dtype), self.col_keys.to(dtype)))
         if self.noisy and self.training:
@@ -267,9 +279,8 @@ class ProductKeyRouter(BalancingMixin, TopKRouter):
             raise ValueError(f"apply_bias_update got {len(reduced_counts)} count tensors, this router keeps "
                              f"{len(pairs)} biases; fix: pass the all-reduced balancing_counts(), in order")
         rate = self.config.moe_router_bias_update_rate
-        rule = getattr(self.config, "moe_pk_bias_update_rule", "sign")
         for (bias, local), counts in zip(pairs, reduced_counts):
-            bias.add_(selection_bias_step(counts, rule) * rate)
+            bias.add_(selection_bias_step(counts, self.bias_update_rule) * rate)
             local.zero_()
 
     def gates(self, logits_TK: torch.Tensor, logz_T: torch.Tensor | None) -> torch.Tensor:
@@ -280,7 +291,9 @@ class ProductKeyRouter(BalancingMixin, TopKRouter):
             topk=self.topk, scaling_factor=cfg.moe_router_topk_scaling_factor, logz_T=logz_T,
         )
 
-    def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
+    def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None, *_unused, **_unused_kw):
+        # _unused: what newer Megatron's MoELayer passes after padding_mask, positionally (dev: input_ids,
+        # packed_seq_params); product-key routing reads neither.
         seq_length, bsz = input.shape[:2]
         input = self.apply_input_jitter(input)
         input_Th = input.reshape(-1, input.shape[-1])

@@ -1,4 +1,4 @@
-"""Run real megatron-core 0.19.2 code on CPU with gloo.
+"""Run real megatron-core code on CPU with gloo (the supported range: ``_compat.SUPPORTED_MEGATRON_CORE``).
 
 megatron-core assumes CUDA in many places. ``enable_cpu_runtime()`` covers each of them so that
 GPTModel with MoE layers, both token dispatchers (allgather, alltoall), TP with sequence parallelism,
@@ -6,7 +6,11 @@ EP, PP, DDP with the DistributedOptimizer, ``finalize_model_grads``, torch_dist 
 ``megatron.training.pretrain`` run unchanged on CPU. Nothing is enabled on import, and it refuses to
 run where CUDA is available or with a megatron-core release it was not verified against.
 
-Call sites covered, and why (``mc`` = megatron/core, ``mt`` = megatron/training, 0.19.2):
+Call sites covered, and why (``mc`` = megatron/core, ``mt`` = megatron/training, 0.19.2). This module holds
+the torch-level half (torch's CUDA API stand-ins, the device mode, the autograd hook, the allocator);
+every replacement of a *Megatron* attribute (items 5-8 and 12, and the all-to-all wrapper of item 6) is a
+``cpu`` row of the integration table (``megatron_moe_ext/integration/table.py``, wrappers in
+``integration/cpu.py``), installed from here through ``integration.install``:
 
 1. ``device='cuda'`` literals and ``torch.cuda.current_device()`` used as a device: optimizers
    (``mc/optimizer/optimizer.py`` found_inf/_scale, ``grad_scaler.py``, ``clip_grads.py``), DDP
@@ -90,6 +94,7 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 from megatron_moe_ext._compat import check_megatron_core_version
+from megatron_moe_ext.integration.installer import install
 
 __all__ = ["enable_cpu_runtime", "cpu_runtime_enabled", "init_gloo_from_env"]
 
@@ -193,19 +198,6 @@ class _NullEvent:
 _NULL_STREAM = _NullStream()
 
 
-def _all_to_all_single_lists(original):
-    @functools.wraps(original)
-    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, *args, **kwargs):
-        if isinstance(output_split_sizes, torch.Tensor):
-            output_split_sizes = output_split_sizes.tolist()
-        if isinstance(input_split_sizes, torch.Tensor):
-            input_split_sizes = input_split_sizes.tolist()
-        return original(output, input, output_split_sizes, input_split_sizes, *args, **kwargs)
-
-    all_to_all_single._megatron_moe_ext_wrapped = True  # type: ignore[attr-defined]
-    return all_to_all_single
-
-
 class _RngWarningFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
@@ -250,96 +242,10 @@ def _patch_autograd_backward() -> None:
     torch.autograd.function.BackwardCFunction.apply = apply
 
 
-def _patch_megatron() -> None:
-    from megatron.core.datasets import utils as datasets_utils
-    from megatron.core.optimizer import distrib_optimizer
+def _filter_rng_warning() -> None:
     from megatron.core.tensor_parallel import random as mp_random
-    from megatron.training import initialize, training
 
-    # (5) RNG tracker on the CPU generator.
-    def _get_rng_state(device="cuda", clone=False, graph_safe=False):
-        return torch.get_rng_state()
-
-    def _set_rng_state(new_state, device=-1, graph_safe=False):
-        torch.set_rng_state(new_state)
-
-    mp_random._get_cuda_rng_state = _get_rng_state
-    mp_random._set_cuda_rng_state = _set_rng_state
     logging.getLogger(mp_random.__name__).addFilter(_RngWarningFilter())
-
-    # (7) initialisation.
-    training.initialize_megatron = functools.partial(initialize.initialize_megatron, allow_no_cuda=True)
-    training.set_jit_fusion_options = lambda *a, **k: None
-    initialize.set_jit_fusion_options = lambda *a, **k: None
-    datasets_utils.compile_helpers = lambda: None
-
-    # (12) the device arch asked by validate_args under TP/CP > 1.
-    from megatron.training import arguments as training_arguments
-
-    training_arguments.get_device_arch_version = lambda: 0
-
-    # (8) DistributedOptimizer resume with torch Adam: complete init_state_fn's state with 'step'.
-    original_init = distrib_optimizer.DistributedOptimizer.__init__
-
-    @functools.wraps(original_init)
-    def __init__(self, optimizer, config, grad_scaler, init_state_fn, *args, **kwargs):
-        if init_state_fn is not None and isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            init_state_fn = _with_adam_step(init_state_fn)
-        original_init(self, optimizer, config, grad_scaler, init_state_fn, *args, **kwargs)
-
-    distrib_optimizer.DistributedOptimizer.__init__ = __init__
-
-    original_state_dict = distrib_optimizer.DistributedOptimizer.state_dict
-
-    @functools.wraps(original_state_dict)
-    def state_dict(self):
-        # At resume, the checkpoint layout is built before any step: torch Adam has no state yet.
-        if (
-            not distrib_optimizer.HAVE_APEX_OR_TE
-            and self.init_state_fn is not None
-            and isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW))
-            and len(self.optimizer.state) == 0
-        ):
-            self.init_state_fn(self.optimizer, self.config)
-        return original_state_dict(self)
-
-    distrib_optimizer.DistributedOptimizer.state_dict = state_dict
-
-    # (8c) torch Adam's 'step' after a resume: the checkpoint's param_groups hold the true step,
-    # but the per-parameter copy comes back 0 from the bucket state, and Megatron hands every
-    # parameter one shared tensor (torch Adam's foreach update would then add 1 per parameter).
-    original_load = distrib_optimizer.DistributedOptimizer.load_state_dict
-
-    @functools.wraps(original_load)
-    def load_state_dict(self, state_dict):
-        original_load(self, state_dict)
-        if distrib_optimizer.HAVE_APEX_OR_TE or not isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            return
-        steps = {g["step"] for g in state_dict["optimizer"]["param_groups"] if "step" in g}
-        if len(steps) == 1:
-            step = float(steps.pop())
-            for state in self.optimizer.state.values():
-                if "step" in state:
-                    state["step"] = torch.tensor(step)
-
-    distrib_optimizer.DistributedOptimizer.load_state_dict = load_state_dict
-
-    # (8b) fp32 resume copies checkpoint values into the main params, leaf views that require grad.
-    setter = distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states
-    distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states = torch.no_grad()(setter)
-
-
-def _with_adam_step(init_state_fn):
-    @functools.wraps(init_state_fn)
-    def init_state_with_step(opt, config=None):
-        init_state_fn(opt, config)
-        for group in opt.param_groups:
-            for p in group["params"]:
-                state = opt.state[p]
-                if state and "step" not in state:
-                    state["step"] = torch.tensor(0.0)
-
-    return init_state_with_step
 
 
 def _tune_allocator() -> bool:
@@ -380,9 +286,9 @@ def enable_cpu_runtime(*, allow_with_cuda: bool = False) -> None:
                 "to force CPU execution."
             )
         _patch_torch_cuda()
-        if not getattr(dist.all_to_all_single, "_megatron_moe_ext_wrapped", False):
-            dist.all_to_all_single = _all_to_all_single_lists(dist.all_to_all_single)
-        _patch_megatron()
+        # Megatron's own call sites: the `cpu` rows of the integration table (integration/table.py).
+        install(("cpu",))
+        _filter_rng_warning()
         _patch_autograd_backward()
         _MODE = _CpuDeviceMode()
         # Entered for the life of the process: the device literals sit deep in Megatron's calls.

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 
 import torch
 
+from megatron_moe_ext.runtime.rank import CPU_ARGS
 from megatron_moe_ext.training.train import (
     _GRANULARITY_FLAGS,
     _SIZING_FLAGS,
-    CPU_ARGS,
     DEFAULT_MODEL_ARGS,
     _without,
 )
@@ -75,7 +75,7 @@ def _random_like(name: str, tensor: torch.Tensor, gen: torch.Generator) -> torch
     leaf = name.rsplit(".", 1)[-1]
     if leaf == "running_var":
         out = 0.5 + torch.rand(shape, generator=gen)
-    elif leaf == "running_mean" or leaf == "bias" or leaf == "expert_bias":
+    elif leaf == "running_mean" or leaf.endswith("bias"):  # linear, expert and query biases; selection biases
         out = 0.2 * noise
     elif tensor.dim() == 1 or "norm" in name:
         out = 1.0 + 0.2 * noise  # norm scales (and any other vector parameter)
@@ -124,18 +124,46 @@ def megatron_logits(model: torch.nn.Module, tokens_BS: torch.Tensor) -> torch.Te
         return gather_from_tensor_model_parallel_region(logits_BSV).float()
 
 
-def megatron_greedy(model: torch.nn.Module, tokens_BS: torch.Tensor, steps: int, *, pad_to: int = 1) -> torch.Tensor:
-    """Greedy continuation [B, S + steps] by full forwards (no cache). Sequences are padded at the end to a
+def megatron_greedy(model: torch.nn.Module, tokens_BS: torch.Tensor, steps: int, *,
+                    pad_to: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy continuation [B, S + steps] by full forwards (no cache), and each step's top-2 logit margin
+    [B, steps] (how far the chosen token led the runner-up: a step whose margin is within the logits tolerance
+    is a near-tie another implementation may break the other way). Sequences are padded at the end to a
     multiple of ``pad_to`` (sequence parallelism splits the sequence over TP); causal attention and per-token
     routing keep the padding from reaching earlier positions."""
     out_BS = tokens_BS
+    margins = []
     for _ in range(steps):
         S = out_BS.shape[1]
         padded = -(-S // pad_to) * pad_to
         inp_BS = torch.cat([out_BS, out_BS[:, : padded - S]], dim=1) if padded > S else out_BS
-        next_B = megatron_logits(model, inp_BS)[:, S - 1].argmax(-1)
-        out_BS = torch.cat([out_BS, next_B[:, None]], dim=1)
-    return out_BS
+        last_BV = megatron_logits(model, inp_BS)[:, S - 1]
+        top2_B2 = last_BV.topk(2, dim=-1).values
+        margins.append(top2_B2[:, 0] - top2_B2[:, 1])
+        out_BS = torch.cat([out_BS, last_BV.argmax(-1)[:, None]], dim=1)
+    return out_BS, (torch.stack(margins, dim=1) if margins else tokens_BS.new_zeros(tokens_BS.shape[0], 0).float())
+
+
+def assert_greedy_equal(greedy_BS: torch.Tensor, ref_BS: torch.Tensor, margins_BT: torch.Tensor, *,
+                        tolerance: float) -> int:
+    """Greedy tokens equal the reference's up to each row's first near-tie: a step whose top-2 logit margin in
+    the reference is at most ``2 * tolerance`` (two implementations that agree to ``tolerance`` may break such a
+    tie either way, and every later token depends on it). Returns the number of steps compared over all rows;
+    raises AssertionError naming the first differing step otherwise."""
+    assert greedy_BS.shape == ref_BS.shape, (tuple(greedy_BS.shape), tuple(ref_BS.shape))
+    B, total = ref_BS.shape
+    steps = margins_BT.shape[1]
+    prompt = total - steps
+    compared = 0
+    for b in range(B):
+        ties = (margins_BT[b] <= 2 * tolerance).nonzero()
+        n = int(ties[0]) + 1 if len(ties) else steps  # the tie step itself may go either way
+        upto = prompt + n - (1 if len(ties) else 0)
+        diff = (greedy_BS[b, :upto] != ref_BS[b, :upto]).nonzero()
+        assert len(diff) == 0, (f"row {b}: greedy token {int(diff[0]) - prompt} differs before any near-tie "
+                                f"(first near-tie at step {n - 1 if len(ties) else 'none'})")
+        compared += upto - prompt
+    return compared
 
 
 def save_random_checkpoint(flags: Sequence[str], save_dir: str, *, iteration: int = 1, seed: int = 0,
@@ -143,11 +171,11 @@ def save_random_checkpoint(flags: Sequence[str], save_dir: str, *, iteration: in
     """Rank function: parse ``flags``, build, randomise, forward, save ``save_dir/iter_<iteration>``.
 
     Returns on rank 0 ``{"tokens": [B, S], "logits": [B, S, V], "greedy": [B, S + greedy_steps],
-    "padded_vocab_size": V}`` (``greedy`` only with ``greedy_steps``)."""
+    "greedy_margins": [B, greedy_steps], "padded_vocab_size": V}`` (``greedy*`` only with ``greedy_steps``)."""
     from megatron.core import parallel_state as ps
     from megatron.training.checkpointing import save_checkpoint
 
-    from megatron_moe_ext.analysis.checkpoint_model import build_model
+    from megatron_moe_ext.checkpoint.model import build_model
     from megatron_moe_ext.training.rank_entry import parse_rank_args
 
     args = parse_rank_args([*flags, "--save", save_dir, "--ckpt-format", "torch_dist"])
@@ -156,15 +184,15 @@ def save_random_checkpoint(flags: Sequence[str], save_dir: str, *, iteration: in
     if tokens_BS is None:
         tokens_BS = fixed_batch(args.vocab_size or args.padded_vocab_size)
     logits_BSV = megatron_logits(model, tokens_BS)
-    greedy_BS = None
+    greedy_BS = margins_BT = None
     if greedy_steps:
         pad_to = args.tensor_model_parallel_size if args.sequence_parallel else 1
-        greedy_BS = megatron_greedy(model, tokens_BS, greedy_steps, pad_to=pad_to)
+        greedy_BS, margins_BT = megatron_greedy(model, tokens_BS, greedy_steps, pad_to=pad_to)
     args.iteration = iteration
     save_checkpoint(iteration, [model], None, None, 0)
     torch.distributed.barrier()
     ps.destroy_model_parallel()
     if torch.distributed.get_rank() != 0:
         return None
-    return {"tokens": tokens_BS, "logits": logits_BSV, "greedy": greedy_BS,
+    return {"tokens": tokens_BS, "logits": logits_BSV, "greedy": greedy_BS, "greedy_margins": margins_BT,
             "padded_vocab_size": args.padded_vocab_size}

@@ -22,25 +22,13 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
+from megatron_moe_ext.runtime.rank import CPU_ARGS
 from megatron_moe_ext.training import data as data_lib
-
-# Flags every CPU run needs: the local (non-TE) implementation, gloo, and no CUDA-only fusions.
-CPU_ARGS: tuple[str, ...] = (
-    "--transformer-impl", "local",
-    "--distributed-backend", "gloo",
-    "--no-gradient-accumulation-fusion",
-    "--no-rope-fusion",
-    "--no-persist-layer-norm",
-    "--no-masked-softmax-fusion",
-    "--no-bias-gelu-fusion",
-    "--no-bias-dropout-fusion",
-    "--no-bias-swiglu-fusion",
-    "--num-workers", "0",
-)
+from megatron_moe_ext.training.rank_entry import add_train_args
 
 # The embedded default model: small enough for 2 CPU cores, big enough that the loss visibly falls.
 DEFAULT_MODEL_ARGS: tuple[str, ...] = (
@@ -93,18 +81,6 @@ def default_cache_dir() -> str:
     return os.environ.get("MEGATRON_MOE_EXT_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "megatron_moe_ext"
     )
-
-
-def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Our flags for the train entry, added to Megatron's parser through ``extra_args_provider``."""
-    group = parser.add_argument_group(title="megatron-moe-ext train")
-    group.add_argument(
-        "--ext-loss-log",
-        type=str,
-        default=None,
-        help="Append each micro-batch's exact loss sum and token count to PATH.rankN (JSON lines).",
-    )
-    return parser
 
 
 def _launcher_parser() -> argparse.ArgumentParser:
@@ -248,16 +224,23 @@ def rank_command(nproc: int, argv: Sequence[str]) -> list[str]:
     ]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry of ``megatron-moe-ext train``; returns the ranks' exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _launcher_parser()
-    ours, megatron_argv = parser.parse_known_args(argv)
-    if "RANK" in os.environ:  # already one rank of a torchrun/SLURM job
-        from megatron_moe_ext.training.rank_entry import rank_main
+def start_ranks(
+    parser: argparse.ArgumentParser,
+    ours: argparse.Namespace,
+    megatron_argv: Sequence[str],
+    *,
+    command: Callable[[int, list[str]], list[str]],
+    entry: Callable[[list[str]], object],
+    entry_prefix: Sequence[str] = (),
+    extra_args_provider: Callable[[argparse.ArgumentParser], argparse.ArgumentParser] | None = add_train_args,
+) -> int:
+    """The launcher half shared by ``train`` and ``launch``: validate everything once, then start the ranks.
 
-        rank_main(megatron_argv)
-        return 0
+    Builds the full argv (CPU flags, embedded default), checks the layout, parses it with Megatron's parser
+    and our flags and derivation, checks --save; any ValueError is argparse's usage error (exit 2) before a
+    rank starts. ``--dry-run`` prints ``command(nproc, argv)`` (the torchrun equivalent). On CPU the ranks
+    are forked from this process (``entry(entry_prefix + argv)``), on GPU torchrun runs ``command``.
+    """
     cpu = not torch.cuda.is_available()
     nproc = ours.nproc if ours.nproc is not None else (2 if cpu else torch.cuda.device_count())
     if nproc < 1:
@@ -270,23 +253,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         # here, once, before any process group exists.
         from megatron_moe_ext.args import parse_megatron_args
 
-        parse_megatron_args(full_argv, extra_args_provider=add_train_args, validate=False)
+        parse_megatron_args(full_argv, extra_args_provider=extra_args_provider, validate=False)
         save = _flag(full_argv, "--save")
         if save is not None:
             check_save_dir(save)
     except ValueError as err:
         parser.error(str(err))
-    command = rank_command(nproc, full_argv)
+    rank_cmd = command(nproc, full_argv)
     if ours.dry_run:
-        print(" ".join(command))
+        print(" ".join(rank_cmd))
         return 0
     if cpu:
         # All ranks are local gloo processes: fork them from this already-imported launcher rather than
         # let torchrun start fresh interpreters that import megatron again (runtime/local_ranks.py).
         from megatron_moe_ext.runtime.local_ranks import start_local_ranks
-        from megatron_moe_ext.training.rank_entry import RANK_MODULES, rank_main
+        from megatron_moe_ext.training.rank_entry import RANK_MODULES
 
-        return start_local_ranks(rank_main, full_argv, nproc, preload=RANK_MODULES)
+        return start_local_ranks(entry, [*entry_prefix, *full_argv], nproc, preload=RANK_MODULES)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(command, env=env)
+    return subprocess.call(rank_cmd, env=env)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry of ``megatron-moe-ext train``; returns the ranks' exit code."""
+    from megatron_moe_ext.training.rank_entry import rank_main
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _launcher_parser()
+    ours, megatron_argv = parser.parse_known_args(argv)
+    if "RANK" in os.environ:  # already one rank of a torchrun/SLURM job
+        rank_main(megatron_argv)
+        return 0
+    return start_ranks(parser, ours, megatron_argv, command=rank_command, entry=rank_main)

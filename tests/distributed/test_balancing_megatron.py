@@ -92,7 +92,7 @@ def dense_loss_case(kind: str, seed: int) -> dict:
     """BalancedTopKRouter with one loss vs Megatron's TopKRouter with the same weight."""
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from megatron_moe_ext.balancing.settings import LOSS_LOG_NAMES
+    from megatron_moe_ext.settings.balancing import LOSS_LOG_NAMES
     from megatron_moe_ext.layers.balanced_router import BalancedTopKRouter
 
     torch.manual_seed(seed)
@@ -233,8 +233,8 @@ def metrics_case() -> dict:
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
     from megatron_moe_ext.balancing.bias_update import finish_balancing_step
-    from megatron_moe_ext.balancing.metrics_logging import install_balance_logging, installed_names
-    from megatron_moe_ext.balancing.settings import tracked_names_for
+    from megatron_moe_ext.integration import install
+    from megatron_moe_ext.integration.metrics_logging import installed_names, set_balance_names
 
     config = _config(moe_balance_metrics=True, moe_balance_usage_window=2,
                      moe_balance_losses=["expert", "global_expert"], moe_balance_coeffs=[COEFF, COEFF])
@@ -259,8 +259,9 @@ def metrics_case() -> dict:
         steps.append({"counts": local, "tracked": {k: v[1] / micro_batches for k, v in tracked.items()},
                       "accumulated": accumulated, "after_reset": int(router.global_balance_counts.abs().sum())})
     # Megatron's training_log reports a fixed list; ours must be appended (and installing twice is harmless).
-    install_balance_logging(tracked_names_for(config))
-    install_balance_logging(tracked_names_for(config))
+    install(("training",), only=("balance-logging",))
+    install(("training",), only=("balance-logging",))  # idempotent
+    set_balance_names(config.ext.balance.tracked_names)
     for _ in range(2):
         probs, _ = router(x, padding_mask=padding)
         probs.sum().backward()

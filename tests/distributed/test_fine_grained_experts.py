@@ -70,7 +70,7 @@ class _FirstExpertsRouter(TopKRouter):
     """A real TopKRouter that routes every token to experts 0 and 1 (EP rank 0's), so EP rank 1
     receives no tokens at all."""
 
-    def routing(self, logits: torch.Tensor, padding_mask=None):
+    def routing(self, logits: torch.Tensor, padding_mask=None, **kwargs):
         logits = logits.view(-1, self.config.num_moe_experts)
         probs = torch.zeros_like(logits)
         probs[:, :2] = torch.softmax(logits[:, :2], dim=-1)

@@ -63,7 +63,8 @@ def _tracked() -> dict[str, float]:
 
 
 def compare_with_topk_router(options: dict, padded: bool) -> dict:
-    """One head, no query norm: ProductKeyRouter vs TopKRouter with weight = K_full @ W_q."""
+    """One head, no query norm: ProductKeyRouter vs TopKRouter with weight = K_full @ W_q (and, with
+    add_bias_linear, Megatron's logit bias = K_full @ b_q for our query bias b_q)."""
     from megatron.core.transformer.moe.router import TopKRouter
 
     _init_parallel()
@@ -75,6 +76,9 @@ def compare_with_topk_router(options: dict, padded: bool) -> dict:
     keys_ND = full_keys(pk)[0]
     with torch.no_grad():
         dense.weight.copy_(keys_ND @ pk.query_weight)
+        if pk.query_bias is not None:  # zero-initialised: a nonzero value, or the check is vacuous
+            pk.query_bias.copy_(0.5 * torch.randn(pk.query_bias.shape))
+            dense.bias.copy_(keys_ND @ pk.query_bias)
     x = torch.randn(*TOKENS, HIDDEN)
     padding = torch.zeros(TOKENS, dtype=torch.bool)
     if padded:
@@ -88,10 +92,12 @@ def compare_with_topk_router(options: dict, padded: bool) -> dict:
         weight_grad = router.weight.grad if name == "dense" else None
         out[name] = {"probs": probs.detach(), "map": routing_map, "x_grad": xi.grad, "tracked": _tracked()}
         if name == "dense":
-            # d/dW_q of (K W_q): K^T dL/dW.
+            # d/dW_q of (K W_q): K^T dL/dW; likewise d/db_q of (K b_q): K^T dL/db.
             out[name]["wq_grad"] = keys_ND.t() @ weight_grad
+            out[name]["bq_grad"] = keys_ND.t() @ router.bias.grad if router.bias is not None else None
         else:
             out[name]["wq_grad"] = pk.query_weight.grad.clone()
+            out[name]["bq_grad"] = pk.query_bias.grad.clone() if pk.query_bias is not None else None
     return out
 
 
@@ -117,6 +123,10 @@ TOPK_CASES = {
         "moe_router_score_function": "sigmoid",
     },
     "capacity": {"moe_expert_capacity_factor": 1.0, **AUX},
+    # Megatron's default add_bias_linear: its router's logit bias [N] against our query bias [H*D].
+    "bias_softmax": {"add_bias_linear": True},
+    "bias_pre_softmax_aux_z": {"add_bias_linear": True, "moe_router_pre_softmax": True, **AUX},
+    "bias_sigmoid": {"add_bias_linear": True, "moe_router_score_function": "sigmoid"},
 }
 
 
@@ -139,6 +149,10 @@ def test_one_head_equals_megatron_topk_router(case: str, padded: bool, topk_comp
     torch.testing.assert_close(pk["probs"], dense["probs"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pk["x_grad"], dense["x_grad"], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(pk["wq_grad"], dense["wq_grad"], rtol=1e-4, atol=1e-6)
+    if TOPK_CASES[case].get("add_bias_linear"):
+        torch.testing.assert_close(pk["bq_grad"], dense["bq_grad"], rtol=1e-4, atol=1e-6)
+    else:
+        assert pk["bq_grad"] is None and dense["bq_grad"] is None
     assert pk["tracked"].keys() == dense["tracked"].keys()
     for name, value in dense["tracked"].items():
         assert pk["tracked"][name] == pytest.approx(value, rel=1e-5), name
@@ -147,26 +161,45 @@ def test_one_head_equals_megatron_topk_router(case: str, padded: bool, topk_comp
         assert (pk["map"].sum(dim=1) == topk).all()
 
 
-def heads_and_norms(query_norm: str) -> dict:
-    """Two heads (disjoint 3x3 pools, 2 picks each) with a query norm vs a dense reference."""
+def heads_and_norms(query_norm: str, bias: bool = False) -> dict:
+    """Two heads (disjoint 3x3 pools, 2 picks each) with a query norm vs a dense reference; with
+    ``bias`` (add_bias_linear) the reference query is x W_q^T + b_q before the norm."""
     _init_parallel()
     torch.manual_seed(1)
-    config = _router_config(num_moe_experts=18, moe_router_topk=4, moe_pk_heads=2, moe_pk_query_norm=query_norm)
+    config = _router_config(num_moe_experts=18, moe_router_topk=4, moe_pk_heads=2, moe_pk_query_norm=query_norm,
+                            add_bias_linear=bias)
     router = ProductKeyRouterFactory(config)
+    init_bias = None if router.query_bias is None else router.query_bias.detach().clone()
     with torch.no_grad():
         if query_norm != "none":
             router.query_norm.weight.uniform_(0.5, 1.5)
         if getattr(router.query_norm, "bias", None) is not None:
             router.query_norm.bias.uniform_(-0.5, 0.5)
+        if bias:  # zero-initialised: a nonzero value, or the check is vacuous
+            router.query_bias.uniform_(-1.0, 1.0)
     x = torch.randn(*TOKENS, HIDDEN, requires_grad=True)
     probs, routing_map = router(x)
     grad_out = torch.randn_like(probs)
     (probs * grad_out).sum().backward()
+    without_bias = None
+    if bias:  # negative control: the same router with its query bias removed
+        with torch.no_grad():
+            saved = router.query_bias.clone()
+            router.query_bias.zero_()
+            without_bias = router(x)[0].detach()
+            router.query_bias.copy_(saved)
 
     # Dense reference: full logits per pool, top-2 per pool, softmax over the 4 picks.
     xr = x.detach().clone().requires_grad_(True)
     wq = router.query_weight.detach().clone().requires_grad_(True)
-    q = (xr.reshape(-1, HIDDEN) @ wq.t()).view(-1, 2, 8)
+    q = xr.reshape(-1, HIDDEN) @ wq.t()
+    bq = None
+    if bias:
+        bq = router.query_bias.detach().clone().requires_grad_(True)
+        q = q + bq
+        q.retain_grad()  # the queries' gradient, summed over tokens, is the bias gradient
+    q_pre = q
+    q = q.view(-1, 2, 8)
     w = getattr(router.query_norm, "weight", None)
     b = getattr(router.query_norm, "bias", None)
     if query_norm == "rmsnorm":
@@ -182,14 +215,26 @@ def heads_and_norms(query_norm: str) -> dict:
     gates = torch.softmax(sel.reshape(len(q), -1), dim=-1)
     ref = torch.zeros_like(probs).scatter(1, ids, gates)
     (ref * grad_out).sum().backward()
-    return {
+    out = {
         "probs": probs.detach(), "ref": ref.detach(), "map": routing_map, "ref_map": ref.detach() > 0,
         "x_grad": x.grad, "ref_x_grad": xr.grad, "wq_grad": router.query_weight.grad, "ref_wq_grad": wq.grad,
+        "state_names": sorted(router.state_dict()), "init_bias": init_bias,
+        "sequence_parallel": {n: getattr(p, "sequence_parallel", None) for n, p in router.named_parameters()},
     }
+    if bias:
+        out.update(bq_grad=router.query_bias.grad, ref_bq_grad=bq.grad, query_grad_sum=q_pre.grad.sum(0),
+                   without_bias=without_bias)
+    return out
+
+
+HEAD_CASES = ("none", "rmsnorm", "layernorm", "batchnorm")
+BIAS_HEAD_CASES = ("none", "rmsnorm", "layernorm", "batchnorm")
 
 
 def all_heads_and_norms() -> dict:
-    return {norm: heads_and_norms(norm) for norm in ("none", "rmsnorm", "layernorm", "batchnorm")}
+    results = {norm: heads_and_norms(norm) for norm in HEAD_CASES}
+    results.update({f"{norm}+bias": heads_and_norms(norm, bias=True) for norm in BIAS_HEAD_CASES})
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +251,30 @@ def test_heads_own_disjoint_pools_and_match_dense_reference(norm: str, head_resu
     torch.testing.assert_close(got["probs"], got["ref"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got["x_grad"], got["ref_x_grad"], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got["wq_grad"], got["ref_wq_grad"], rtol=1e-4, atol=1e-6)
+    # Without add_bias_linear the router holds no query bias: checkpoints of such runs load unchanged.
+    assert not any("query_bias" in name for name in got["state_names"])
+
+
+@pytest.mark.parametrize("norm", BIAS_HEAD_CASES)
+def test_query_bias_matches_dense_reference(norm: str, head_results) -> None:
+    """add_bias_linear: q = W_q x + b_q before the query norm, forward and backward."""
+    got = head_results[f"{norm}+bias"]
+    assert "query_bias" in got["state_names"]
+    torch.testing.assert_close(got["init_bias"], torch.zeros_like(got["init_bias"]), rtol=0, atol=0)  # zero init
+    assert got["sequence_parallel"]["query_bias"] == got["sequence_parallel"]["query_weight"]
+    assert torch.equal(got["map"], got["ref_map"])
+    torch.testing.assert_close(got["probs"], got["ref"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["x_grad"], got["ref_x_grad"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got["wq_grad"], got["ref_wq_grad"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got["bq_grad"], got["ref_bq_grad"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got["bq_grad"], got["query_grad_sum"], rtol=1e-4, atol=1e-6)
+    if norm == "batchnorm":
+        # The batch mean cancels a per-feature offset: same routing without it, no gradient to it.
+        torch.testing.assert_close(got["without_bias"], got["probs"], rtol=1e-5, atol=1e-6)
+        assert got["bq_grad"].abs().max() < 1e-5
+    else:  # negative control: the bias is used
+        assert got["bq_grad"].abs().max() > 1e-4
+        assert not torch.allclose(got["without_bias"], got["probs"], atol=1e-3)
 
 
 def batchnorm_shard(tokens_TF: torch.Tensor, valid_T: torch.Tensor, grad_TF: torch.Tensor) -> dict:
@@ -314,9 +383,45 @@ PARALLEL_CASES = {
         {"moe_token_dispatcher_type": "alltoall", "sequence_parallel": True, "moe_pk_query_norm": "batchnorm"},
         {"tp": 2},
     ),
+    # Megatron's default add_bias_linear: the router's query bias (rmsnorm: batch norm would cancel it),
+    # next to Megatron's attention, MLP and expert biases.
+    "ep2_alltoall_rmsnorm_bias": (
+        {"moe_token_dispatcher_type": "alltoall", "moe_pk_query_norm": "rmsnorm", "add_bias_linear": True, **SEQ_AUX},
+        {"ep": 2},
+    ),
+    "tp2_sp_alltoall_rmsnorm_bias": (
+        {"moe_token_dispatcher_type": "alltoall", "sequence_parallel": True, "moe_pk_query_norm": "rmsnorm",
+         "add_bias_linear": True},
+        {"tp": 2},
+    ),
 }
 # Dispatcher and SP do not change single-rank math.
 _LAYOUT_ONLY = ("moe_token_dispatcher_type", "sequence_parallel")
+
+
+def init_query_bias_nonzero() -> None:
+    """From now on in this rank process, every query bias (product-key router, PEER) is initialised to
+    fixed nonzero values, the same on every rank: it is zero-initialised, which would leave a test of
+    the bias vacuous."""
+    from megatron_moe_ext.layers.peer import PEERLayer
+    from megatron_moe_ext.layers.product_key_router import ProductKeyRouter
+
+    for cls in (ProductKeyRouter, PEERLayer):
+        def reset(self, original=cls.reset_parameters):
+            original(self)
+            bias = getattr(self, "query_bias", None)  # not there yet when Router.__init__ calls this
+            if bias is not None:
+                with torch.no_grad():
+                    bias.copy_(0.5 * torch.randn(bias.shape, generator=torch.Generator().manual_seed(bias.numel())))
+
+        cls.reset_parameters = reset
+
+
+def reference_step_with_query_bias(overrides: dict) -> dict:
+    """``reference_step`` with nonzero query biases: the parallel runs load the reference state, so they
+    then apply a bias that changes the routing."""
+    init_query_bias_nonzero()
+    return reference_step(overrides)
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +432,8 @@ def pk_references() -> dict:
         math_opts = {k: v for k, v in extra.items() if k not in _LAYOUT_ONLY}
         key = tuple(sorted(math_opts.items()))
         if key not in cache:
-            (cache[key],) = run_distributed(reference_step, 1, {**PK, **math_opts})
+            step = reference_step_with_query_bias if math_opts.get("add_bias_linear") else reference_step
+            (cache[key],) = run_distributed(step, 1, {**PK, **math_opts})
         return cache[key]
 
     return get
@@ -341,6 +447,12 @@ def test_product_key_moe_parallel_matches_single_rank(case: str, distributed, pk
     results = distributed(parallel_step, {**PK, **extra}, parallel, ref["state"])
     assert_parity(ref, results)
     assert any("mlp.router.row_keys" in name for name in ref["grads"])
+    bias_grads = [g for name, g in ref["grads"].items() if name.endswith("mlp.router.query_bias")]
+    if extra.get("add_bias_linear"):
+        assert bias_grads and all(g.abs().max() > 0 for g in bias_grads)
+        assert all(ref["state"][n].abs().max() > 0 for n in ref["state"] if n.endswith("router.query_bias"))
+    else:
+        assert not bias_grads
 
 
 def _max_violation(counts: torch.Tensor) -> float:
@@ -435,20 +547,31 @@ _BIAS_NAMES = ("row_bias", "col_bias", "pk_expert_bias")
 
 
 def _bias_model(parallel: dict, seed: int):
-    """A tiny GPT with product keys and both bias kinds at ``parallel`` (on this rank)."""
+    """A tiny GPT with product keys, both selection-bias kinds and Megatron's default add_bias_linear (the
+    router's query bias) at ``parallel`` (on this rank)."""
     from megatron_moe_ext.testing.tiny import build_tiny_gpt, initialize_parallel, parallel_sizes
 
     initialize_parallel(seed=seed, **parallel)
-    config = _router_config(sequence_parallel=parallel.get("tp", 1) > 1,
+    config = _router_config(sequence_parallel=parallel.get("tp", 1) > 1, add_bias_linear=True,
                             **parallel_sizes(**parallel), **BIAS_KINDS["separable+expert"])
     return build_tiny_gpt(config)
+
+
+def _query_biases(model) -> dict:
+    return {name: p for name, p in model.named_parameters() if name.endswith("router.query_bias")}
 
 
 def _biases_and_logits(model) -> dict:
     from megatron_moe_ext.testing.tiny import full_logits, make_batches
 
+    batch = make_batches(1, batch_size=2, seed=11)[0]
     biases = {name: buf.clone() for name, buf in model.named_buffers() if name.endswith(_BIAS_NAMES)}
-    return {"biases": biases, "logits": full_logits(model, make_batches(1, batch_size=2, seed=11)[0])}
+    biases.update({name: p.detach().clone() for name, p in _query_biases(model).items()})
+    logits = full_logits(model, batch)
+    with torch.no_grad():  # negative control: the same model with its query biases removed
+        for p in _query_biases(model).values():
+            p.zero_()
+    return {"biases": biases, "logits": logits, "logits_without_query_bias": full_logits(model, batch)}
 
 
 def save_router_biases(ckpt_dir: str, parallel: dict) -> dict:
@@ -460,6 +583,9 @@ def save_router_biases(ckpt_dir: str, parallel: dict) -> dict:
     for name, buf in model.named_buffers():
         if name.endswith(_BIAS_NAMES):
             buf.copy_(torch.randn(buf.shape, generator=g))
+    with torch.no_grad():  # the query bias is zero-initialised
+        for p in _query_biases(model).values():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
     dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)
     return _biases_and_logits(model)
 
@@ -482,7 +608,7 @@ def test_selection_biases_checkpoint_round_trip_across_parallelism(tmp_path, sav
     saved = run_distributed(save_router_biases, 2 if save_parallel else 1, ckpt, save_parallel)
     loaded = run_distributed(load_router_biases, 2 if load_parallel else 1, ckpt, load_parallel)
     names = set(saved[0]["biases"])
-    assert {n.rsplit(".", 1)[-1] for n in names} == {"row_bias", "col_bias", "pk_expert_bias"}
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"row_bias", "col_bias", "pk_expert_bias", "query_bias"}
     assert any(n.endswith("pk_expert_bias") and saved[0]["biases"][n].shape == (1, 16) for n in names)
     for got in loaded:
         assert set(got["biases"]) == names
@@ -490,6 +616,8 @@ def test_selection_biases_checkpoint_round_trip_across_parallelism(tmp_path, sav
             torch.testing.assert_close(got["biases"][name], saved[0]["biases"][name], rtol=0, atol=0)
         # The loaded biases select the same experts, so the logits equal the saved model's.
         torch.testing.assert_close(got["logits"], saved[0]["logits"], rtol=1e-5, atol=1e-5)
+        # ... and the query bias is part of that: without it the logits differ.
+        assert not torch.allclose(got["logits_without_query_bias"], saved[0]["logits"], atol=1e-3)
 
 
 def bf16_bias_resume() -> dict:

@@ -78,12 +78,43 @@ def tmp(tmp_path_factory) -> Path:
     return path
 
 
+def megatron_defaults_flags() -> list[str]:
+    """A user's tiny GPT on Megatron's own defaults (biased linears, GeLU, LayerNorm, learned positions: none of
+    the embedded default's --disable-bias-linear/--swiglu/RMSNorm/RoPE), with our fine-grained experts over EP=2."""
+    from megatron_moe_ext.training import data as data_lib
+
+    prefix = data_lib.build_default_dataset(os.path.join(shared_cache(), "data"))
+    return [
+        "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "256", "--num-attention-heads", "4",
+        "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "4", "--global-batch-size", "8",
+        "--train-iters", "5", "--lr", "1e-3", "--eval-interval", "100", "--eval-iters", "1", "--log-interval", "1",
+        "--data-path", prefix, "--split", "98,1,1", "--tokenizer-type", "NullTokenizer",
+        "--vocab-size", str(data_lib.VOCAB_SIZE), "--data-cache-path", os.path.join(shared_cache(), "index"),
+        "--moe-granularity", "2", "--moe-expansion-rate", "2", "--expert-model-parallel-size", "2",
+        "--moe-token-dispatcher-type", "alltoall",
+    ]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp) -> dict[str, subprocess.CompletedProcess]:
     return {
         "tp2": launch(tmp, "pretrain_gpt.py", *SHORT, *TP2, "--save", "tp2"),
         "ep2": launch(tmp, "pretrain_gpt.py", *SHORT, *EP2_PRODUCT_KEY, "--save", "A", "--save-interval", "3"),
+        "defaults": launch(tmp, "pretrain_gpt.py", *megatron_defaults_flags(), check=False),
     }
+
+
+def test_megatron_defaults_with_fine_grained_experts_train_five_iterations(runs) -> None:
+    """Megatron's default flags keep biased linears on: our experts carry expert biases (issue: the run used to
+    die in model build with 'FineGrainedExperts has no expert biases')."""
+    proc = runs["defaults"]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "experts=FineGrainedExperts" in out, out[-3000:]
+    assert "4 experts x 128, top-2" in out, "granularity 2 x expansion 2 not derived"
+    losses = lm_losses(out)
+    assert sorted(losses) == [1, 2, 3, 4, 5], out[-3000:]
+    assert all(float(v) == float(v) for v in losses.values())  # no NaN
 
 
 def test_tp2_runs_five_iterations_with_our_layers(runs) -> None:
@@ -128,11 +159,14 @@ def test_bad_input_is_a_usage_error_before_any_rank_starts(tmp, args, message, m
     # In-process (one Megatron import for all cases): main() must exit 2 before it builds the rank
     # command, so no process is ever started.
     from megatron_moe_ext import launch as launch_lib
+    from megatron_moe_ext.runtime import local_ranks
+    from megatron_moe_ext.training import train as train_lib
 
     monkeypatch.chdir(tmp)
     monkeypatch.setenv("MEGATRON_MOE_EXT_CACHE", shared_cache())
     started = []
-    monkeypatch.setattr(launch_lib.subprocess, "call", lambda *a, **k: started.append(a) or 0)
+    monkeypatch.setattr(train_lib.subprocess, "call", lambda *a, **k: started.append(a) or 0)
+    monkeypatch.setattr(local_ranks, "start_local_ranks", lambda *a, **k: started.append(a) or 0)
     with pytest.raises(SystemExit) as exit_info:
         launch_lib.main(list(args))
     err = capsys.readouterr().err

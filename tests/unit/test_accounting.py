@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from megatron_moe_ext.accounting import ModelShape, account, format_report, shape_from_args
-from megatron_moe_ext.granularity import derive_fine_grained
+from megatron_moe_ext.settings.granularity import derive_fine_grained
 
 COMMON = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "256", "--num-attention-heads", "4",
           "--seq-length", "128", "--max-position-embeddings", "128", "--vocab-size", "257"]
@@ -360,7 +360,7 @@ def test_flops_cli_peer(capsys: pytest.CaptureFixture[str]) -> None:
     assert (out["num_peer_layers"], out["peer_granularity"]) == (1, 8)
     # h=64 with biases (Megatron's default): retrieval 2*8*64 + 2*2*8*4 + 2*2*8, tables 2*64*64,
     # dense branch 16*64 + 64*16 + (16 + 64) biases.
-    assert out["peer_params"] == 1024 + 128 + 32 + 8192 + 2048 + 80
+    assert out["peer_params"] == 1024 + 16 + 128 + 32 + 8192 + 2048 + 80  # + H*D query bias (Megatron's default biases)
     assert out["shape"]["peer_layers"] == "2"
     assert main(["flops", *COMMON]) == 0
     assert "PEER" not in capsys.readouterr().out

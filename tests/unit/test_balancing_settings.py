@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from megatron_moe_ext.balancing.settings import (
+from megatron_moe_ext.settings.balancing import (
     DEFAULT_BALANCE_COEFF,
     balance_coefficients,
     check_balance_settings,

@@ -271,7 +271,7 @@ def test_grouped_picks_the_segmented_kernel_on_cpu(monkeypatch) -> None:
 
     calls = []
     original = expert_mlp.expert_mlp_segmented
-    monkeypatch.setattr(expert_mlp, "expert_mlp_segmented", lambda *a: calls.append("segmented") or original(*a))
+    monkeypatch.setattr(expert_mlp, "expert_mlp_segmented", lambda *a, **k: calls.append("segmented") or original(*a, **k))
     for ffn in (8, 512):  # every expert size
         run(get_expert_mlp_kernel("grouped"), [3, 5], 8, ffn, False)
     assert calls == ["segmented", "segmented"]

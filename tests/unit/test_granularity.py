@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from megatron_moe_ext.granularity import derive_fine_grained
+from megatron_moe_ext.settings.granularity import derive_fine_grained
 
 # (ffn, G, E, k0, shared) -> (experts, expert size, top-k, shared size)
 TABLE = [
@@ -56,13 +56,14 @@ def test_config_derives_and_refuses_conflicts() -> None:
 
     config = tiny_config(moe_granularity=4, moe_expansion_rate=2, moe_base_topk=1)
     assert (config.num_moe_experts, config.moe_ffn_hidden_size, config.moe_router_topk) == (8, 16, 4)
-    with pytest.raises(ValueError, match=r"num_moe_experts=4 \(G implies 8\)"):
+    # The config and the flags share one check (settings/granularity.py), so its messages name the flags.
+    with pytest.raises(ValueError, match=r"contradict --num-experts 4 \(G implies 8\)"):
         tiny_config(moe_granularity=4, moe_expansion_rate=2, num_moe_experts=4)
-    with pytest.raises(ValueError, match="needs moe_expansion_rate"):
+    with pytest.raises(ValueError, match="needs --moe-expansion-rate"):
         tiny_config(moe_granularity=4)
-    with pytest.raises(ValueError, match="moe_num_shared_experts=1 needs moe_granularity"):
+    with pytest.raises(ValueError, match="--moe-num-shared-experts 1 needs --moe-granularity"):
         tiny_config(moe_num_shared_experts=1)
-    with pytest.raises(ValueError, match="moe_expert_backend='fast' is unknown"):
+    with pytest.raises(ValueError, match="--moe-expert-backend 'fast' is unknown"):
         tiny_config(moe_expert_backend="fast")
 
 
@@ -172,5 +173,8 @@ def test_our_experts_default_to_expert_tensor_parallel_size_1() -> None:
         assert parse_megatron_args(base, validate=False).expert_tensor_parallel_size == 1
         megatron = parse_megatron_args([*base, "--moe-expert-backend", "megatron"], validate=False)
         assert megatron.expert_tensor_parallel_size is None  # Megatron's own default (= TP) applies
-        explicit = parse_megatron_args([*base, "--expert-tensor-parallel-size", "2"], validate=False)
+        explicit = parse_megatron_args([*base, "--moe-expert-backend", "megatron", "--expert-tensor-parallel-size", "2"],
+                                       validate=False)
         assert explicit.expert_tensor_parallel_size == 2
+        with pytest.raises(SystemExit):  # our experts refuse expert-TP > 1 before any rank starts (settings/experts.py)
+            parse_megatron_args([*base, "--expert-tensor-parallel-size", "2"], validate=False)

@@ -299,7 +299,7 @@ REFUSALS = [
     (("--rotary-interleaved",), {}, NATIVE, "--rotary-interleaved"),
     (("--rotary-percent", "0.5"), {}, ("qwen3_moe", "qwen2_moe"), "--rotary-percent 0.5"),
     (("--use-rope-scaling",), {}, NATIVE, "--use-rope-scaling"),
-    ((), {"add_bias_linear": True}, NATIVE, "--add-bias-linear"),
+    ((), {"add_bias_linear": True}, NATIVE, "add_bias_linear=True (Megatron's default)"),
     (("--multi-latent-attention",), {}, NATIVE, "--multi-latent-attention"),
     (("--mtp-num-layers", "1"), {}, NATIVE, "--mtp-num-layers 1"),
     (("--attention-output-gate",), {}, NATIVE, "--attention-output-gate"),
@@ -312,9 +312,11 @@ REFUSALS = [
     (("--moe-input-jitter-eps", "0.01"), {}, NATIVE, "--moe-input-jitter-eps"),
     (("--moe-router-load-balancing-type", "sinkhorn"), {}, NATIVE, "sinkhorn"),
     (("--moe-router-score-function", "sqrtsoftplus"), {}, NATIVE, "sqrtsoftplus"),
-    (("--moe-mlp-glu-interleave-size", "32"), {}, NATIVE, "--moe-mlp-glu-interleave-size"),
+    # (Megatron's experts: ours refuse these flags at parse time, settings/experts.py)
+    (("--moe-expert-backend", "megatron", "--moe-mlp-glu-interleave-size", "32"), {}, NATIVE,
+     "--moe-mlp-glu-interleave-size"),
     ((), {"num_experts": None}, NATIVE, "--num-experts unset"),
-    (("--moe-latent-size", "16"), {}, NATIVE, "--moe-latent-size"),
+    (("--moe-expert-backend", "megatron", "--moe-latent-size", "16"), {}, NATIVE, "--moe-latent-size"),
     # routing
     (("--moe-router-score-function", "sigmoid"), {}, ("qwen3_moe", "qwen2_moe"), "--moe-router-score-function sigmoid"),
     ((), {}, ("glm4_moe",), "--moe-router-score-function softmax"),
@@ -367,6 +369,24 @@ def test_auto_choice_prefers_the_exact_native_target() -> None:
     assert target.name == "qwen2_moe" and any("--qk-layernorm" in r for r in refused["qwen3_moe"])
     target, refused = choose_target(parsed(*GLM, "--qk-layernorm", "--moe-shared-expert-intermediate-size", "64"))
     assert target.name == "glm4_moe" and set(refused) == {"qwen3_moe", "qwen2_moe"}
+
+
+def test_auto_choice_takes_remote_code_for_megatrons_default_flags() -> None:
+    """Megatron's defaults (biases, GELU, LayerNorm, learned absolute positions): every native target refuses,
+    naming the bias setting and both fixes; the remote-code target reproduces them."""
+    from megatron_moe_ext.checkpoint.hf_targets import choose_target
+
+    flags = [f for f in model_flags() if f not in ("--disable-bias-linear", "--swiglu")]
+    flags += ["--normalization", "LayerNorm", "--position-embedding-type", "learned_absolute"]
+    args = _parse(tuple(flags))
+    assert args.add_bias_linear  # no flag turns biases on: they are the default
+    target, refused = choose_target(args)
+    assert target.name == "megatron_moe_ext" and set(refused) == set(NATIVE)
+    for name, reasons in refused.items():
+        text = next(r for r in reasons if "add_bias_linear" in r)
+        assert "add_bias_linear=True (Megatron's default)" in text, name
+        assert "--disable-bias-linear" in text and "--target megatron_moe_ext" in text, name
+        assert not any("--add-bias-linear" in r for r in reasons), name  # megatron-core 0.19 has no such flag
 
 
 # ---------------------------------------------------------------------------------------------------------

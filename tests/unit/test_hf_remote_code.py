@@ -65,6 +65,24 @@ VARIANTS = {
         *[f for f in BASE if f != "--swiglu"], "--position-embedding-type", "none", "--moe-peer-num-experts", "64",
         "--moe-peer-layers", "all", "--moe-peer-heads", "1", "--moe-peer-topk", "2", "--moe-peer-key-dim", "8",
         "--moe-peer-query-norm", "none", "--moe-peer-activation", "silu"],
+    # Megatron's defaults: biases, GELU (its fused bias-GELU: tanh), LayerNorm, learned absolute positions, tied.
+    "megatron_defaults": [
+        *[f for f in BASE if f not in ("--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights")],
+        "--normalization", "LayerNorm", "--position-embedding-type", "learned_absolute", "--num-experts", "4",
+        "--moe-ffn-hidden-size", "32", "--moe-router-topk", "2", "--moe-layer-freq", "[0,1]"],
+    "biases_exact_gelu_probs_on_input_peer_branch": [
+        *[f for f in BASE if f not in ("--swiglu", "--disable-bias-linear")], "--no-bias-gelu-fusion",
+        "--num-layers", "3", "--num-experts", "8", "--moe-ffn-hidden-size", "32", "--moe-router-topk", "1",
+        "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias", "--moe-apply-probs-on-input",
+        "--moe-layer-freq", "[0,1,1]", "--moe-peer-num-experts", "64", "--moe-peer-layers", "3",
+        "--moe-peer-heads", "1", "--moe-peer-topk", "2", "--moe-peer-key-dim", "8",
+        "--moe-peer-shared-ffn-hidden-size", "32"],
+    # add_bias_linear with product keys and PEER: their query projections carry query_bias [H*D].
+    "product_key_peer_query_biases": [
+        *[f for f in BASE if f != "--disable-bias-linear"], "--num-experts", "18", "--moe-ffn-hidden-size", "32",
+        "--moe-router-topk", "4", "--moe-router-type", "product_key", "--moe-pk-heads", "2", "--moe-pk-key-dim", "16",
+        "--moe-pk-query-norm", "rmsnorm", "--moe-peer-num-experts", "64", "--moe-peer-layers", "2",
+        "--moe-peer-heads", "2", "--moe-peer-topk", "4", "--moe-peer-key-dim", "8", "--moe-peer-query-norm", "layernorm"],
 }
 VOCAB = 96
 
@@ -226,8 +244,7 @@ def test_supported_variants_have_no_reasons(variant):
 @pytest.mark.parametrize("attr, value, flag", [
     ("multi_latent_attention", True, "--multi-latent-attention"),
     ("mtp_num_layers", 1, "--mtp-num-layers"),
-    ("add_bias_linear", True, "--add-bias-linear"),
-    ("position_embedding_type", "learned_absolute", "learned_absolute"),
+    ("position_embedding_type", "yarn", "--position-embedding-type yarn"),
     ("rotary_interleaved", True, "--rotary-interleaved"),
     ("apply_layernorm_1p", True, "--apply-layernorm-1p"),
     ("attention_output_gate", True, "--attention-output-gate"),
@@ -250,7 +267,36 @@ def test_unsupported_names_the_flag(attr, value, flag):
                                                              _stub_state(args))))
 
 
+def test_gelu_through_transformer_engine_activation_ops_is_refused():
+    args = _parse(VARIANTS["megatron_defaults"])
+    args.use_te_activation_func = True
+    reasons = TARGET.unsupported(args)
+    assert len(reasons) == 1 and "--use-te-activation-func" in reasons[0], reasons
+    assert TARGET.unsupported(_parse([*VARIANTS["product_key_and_peer"]])) == []  # SwiGLU: not concerned
+
+
 # -- export / import ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant, approximate", [("megatron_defaults", "tanh"),
+                                                  ("biases_exact_gelu_probs_on_input_peer_branch", "none"),
+                                                  ("dense_gelu_no_positions", "none")])
+def test_config_of_megatron_defaults(variant, approximate):
+    """Biases, learned absolute positions and the GELU of Megatron's fused bias-GELU kernel reach the config."""
+    args, state, model = _model_of(VARIANTS[variant])
+    c = model.config
+    assert c["add_bias_linear"] == args.add_bias_linear and c["mlp_gelu_approximate"] == approximate
+    if variant == "megatron_defaults":
+        assert c["add_qkv_bias"] and c["position_embedding_type"] == "learned_absolute" and c["tie_word_embeddings"]
+        assert c["normalization"] == "LayerNorm" and (c["activation"], c["gated_linear_unit"]) == ("gelu", False)
+        assert state["embedding.position_embeddings.weight"].shape == (c["max_position_embeddings"], 64)
+        for name in ("decoder.layers.0.self_attention.linear_proj.bias", "decoder.layers.0.mlp.linear_fc2.bias",
+                     "decoder.layers.1.mlp.router.bias", "decoder.layers.1.mlp.experts.experts.linear_fc1.bias",
+                     "decoder.layers.1.mlp.linear_fc1.layer_norm_bias", "decoder.final_layernorm.bias"):
+            assert name in state, name
+        assert state["decoder.layers.1.mlp.experts.experts.linear_fc2.bias"].shape == (4, 64)
+
+
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -305,7 +351,7 @@ def test_remote_model_holds_exactly_the_expected_tensors(remote, variant):
 
 
 @pytest.mark.parametrize("variant", ["product_key_options_peer_options", "softmax_shared_qknorm_tied",
-                                     "sigmoid_groups_bias_squared_relu"])
+                                     "sigmoid_groups_bias_squared_relu", "megatron_defaults"])
 def test_cached_decoding_equals_full_forwards(remote, variant):
     _, state, model = _model_of(VARIANTS[variant], seed=3)
     hf = _build(remote, model.config)
@@ -320,6 +366,15 @@ def test_cached_decoding_equals_full_forwards(remote, variant):
             steps.append(out.logits)
     assert (torch.cat(steps, dim=1) - full_BSV).abs().max().item() < 1e-5
     assert torch.isfinite(full_BSV).all() and full_BSV.std() > 0
+    # generate() hands the cache over under its own keyword (``cache`` since transformers 5.25): greedy tokens
+    # equal those of full forwards without a cache.
+    with torch.no_grad():
+        greedy_BS = hf.generate(tokens_BS[:, :7], attention_mask=torch.ones_like(tokens_BS[:, :7]), max_new_tokens=4,
+                                min_new_tokens=4, do_sample=False, pad_token_id=0)
+        want_BS = tokens_BS[:, :7]
+        for _ in range(4):
+            want_BS = torch.cat([want_BS, hf(want_BS, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(greedy_BS, want_BS)
 
 
 @pytest.mark.parametrize("options", [
@@ -329,6 +384,8 @@ def test_cached_decoding_equals_full_forwards(remote, variant):
     {"score": "sigmoid", "groups": (2, 1)},
     {"score": "sqrtsoftplus", "bias": True},
     {"score": "sigmoid", "topk": 1},
+    {"score": "softmax", "router_bias": True},
+    {"score": "sigmoid", "bias": True, "router_bias": True},
 ])
 def test_topk_router_equals_megatrons_routing_function(remote, options):
     from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
@@ -341,20 +398,102 @@ def test_topk_router_equals_megatrons_routing_function(remote, options):
         moe_router_topk=k, moe_router_score_function=options["score"],
         moe_router_pre_softmax=options.get("pre_softmax", False),
         moe_router_topk_scaling_factor=options.get("scaling"), moe_router_enable_expert_bias=options.get("bias", False),
-        moe_router_num_groups=groups, moe_router_group_topk=group_topk, moe_router_dtype="fp32")
+        moe_router_num_groups=groups, moe_router_group_topk=group_topk, moe_router_dtype="fp32",
+        add_bias_linear=options.get("router_bias", False))
     router = remote.modeling.TopKRouter(cfg)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         router.weight.copy_(torch.randn(E, h, generator=gen))
+        if router.bias is not None:  # Megatron's Router: added to the logits, before the score function
+            router.bias.copy_(torch.randn(E, generator=gen))
         if router.expert_bias is not None:
             router.expert_bias.copy_(0.3 * torch.randn(E, generator=gen))
     x_Th = torch.randn(T, h, generator=gen)
     with torch.no_grad():
         probs_TK, ids_TK = router(x_Th)
+        logits_TE = x_Th @ router.weight.t() + (0 if router.bias is None else router.bias)
         want_TE, map_TE = topk_routing_with_score_function(
-            x_Th @ router.weight.t(), k, use_pre_softmax=cfg.moe_router_pre_softmax, num_groups=groups,
+            logits_TE, k, use_pre_softmax=cfg.moe_router_pre_softmax, num_groups=groups,
             group_topk=group_topk, scaling_factor=cfg.moe_router_topk_scaling_factor, score_function=options["score"],
             expert_bias=router.expert_bias)
     got_TE = torch.zeros(T, E).scatter(1, ids_TK, probs_TK)
     assert torch.equal(got_TE != 0, map_TE)
     assert (got_TE - want_TE).abs().max().item() < 1e-6
+
+
+# -- product-key router and PEER against our Megatron layers -------------------------------------------------------
+
+# Both with Megatron's add_bias_linear: the query projections carry query_bias, which the comparison sets nonzero.
+QUERY_BIAS_LAYERS = dict(
+    num_moe_experts=18, moe_router_topk=4, moe_router_type="product_key", moe_pk_heads=2, moe_pk_key_dim=16,
+    moe_pk_query_norm="rmsnorm", moe_expert_backend="grouped", moe_peer_num_experts=64, moe_peer_heads=2,
+    moe_peer_topk=4, moe_peer_key_dim=8, moe_peer_layers="2", moe_peer_query_norm="layernorm", add_bias_linear=True,
+)
+
+
+def _our_layers_with_query_bias() -> dict:
+    """Our ProductKeyRouter and PEERLayer (one gloo rank: they need Megatron's process groups) in eval, with
+    random query biases and query-norm affines: their states, an input [S, B, h] and their outputs."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_moe_ext.layers.peer import PEERLayer
+    from megatron_moe_ext.layers.product_key_router import ProductKeyRouter
+    from megatron_moe_ext.testing.tiny import initialize_parallel, tiny_config
+
+    initialize_parallel(seed=2)
+    config = tiny_config(**QUERY_BIAS_LAYERS)
+    router = ProductKeyRouter(config, pg_collection=get_default_pg_collection())
+    router.set_layer_number(1)
+    peer = PEERLayer(config)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for module in (router, peer):
+            module.query_bias.copy_(torch.randn(module.query_bias.shape, generator=gen))
+            module.query_norm.weight.copy_(1.0 + 0.2 * torch.randn(module.query_norm.weight.shape, generator=gen))
+    router.eval()
+    peer.eval()
+    x_SBh = torch.randn(6, 2, config.hidden_size, generator=gen)
+    with torch.no_grad():
+        probs_TN, map_TN = router(x_SBh)
+        out_SBh, _ = peer(x_SBh)
+    return {"x_SBh": x_SBh, "router_state": dict(router.state_dict()), "peer_state": dict(peer.state_dict()),
+            "probs_TN": probs_TN, "map_TN": map_TN, "peer_SBh": out_SBh}
+
+
+def test_remote_product_key_router_and_peer_apply_the_query_bias_as_our_layers(remote):
+    from megatron_moe_ext.testing import run_distributed
+
+    (ours,) = run_distributed(_our_layers_with_query_bias, 1)
+    L = QUERY_BIAS_LAYERS
+    cfg = remote.configuration.MegatronMoEExtConfig(
+        hidden_size=32, num_hidden_layers=2, mlp_kinds=["moe", "peer"], num_experts=L["num_moe_experts"],
+        moe_ffn_hidden_size=8, moe_router_topk=L["moe_router_topk"], moe_router_type="product_key",
+        moe_pk_heads=L["moe_pk_heads"], moe_pk_key_dim=L["moe_pk_key_dim"], moe_pk_query_norm=L["moe_pk_query_norm"],
+        moe_peer_num_experts=L["moe_peer_num_experts"], moe_peer_heads=L["moe_peer_heads"],
+        moe_peer_topk=L["moe_peer_topk"], moe_peer_key_dim=L["moe_peer_key_dim"],
+        moe_peer_query_norm=L["moe_peer_query_norm"], add_bias_linear=True)
+    router, peer = remote.modeling.ProductKeyRouter(cfg).eval(), remote.modeling.PEERLayer(cfg).eval()
+    peer.linear_fc1.norm = lambda x: x  # the pre-MLP norm, which Megatron applies outside the PEER layer
+    for module, state in ((router, ours["router_state"]), (peer, ours["peer_state"])):
+        names = set(module.state_dict()) - {"linear_fc1.layer_norm_weight"}
+        assert "query_bias" in names and names <= set(state), sorted(names - set(state))
+        module.load_state_dict({n: state[n] for n in names}, strict=False)
+    x_SBh = ours["x_SBh"]
+    T, N = x_SBh.shape[0] * x_SBh.shape[1], L["num_moe_experts"]
+
+    def outputs() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            probs_TK, ids_TK = router(x_SBh.reshape(T, -1))
+            peer_BSh = peer(x_SBh.transpose(0, 1))
+        return torch.zeros(T, N).scatter(1, ids_TK, probs_TK), peer_BSh.transpose(0, 1)
+
+    probs_TN, peer_SBh = outputs()
+    assert torch.equal(probs_TN != 0, ours["map_TN"])
+    torch.testing.assert_close(probs_TN, ours["probs_TN"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(peer_SBh, ours["peer_SBh"], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # negative control: without the bias the remote modules differ from our layers
+        router.query_bias.zero_()
+        peer.query_bias.zero_()
+    probs_TN, peer_SBh = outputs()
+    assert not torch.allclose(probs_TN, ours["probs_TN"], atol=1e-3)
+    assert not torch.allclose(peer_SBh, ours["peer_SBh"], atol=1e-3)

@@ -15,10 +15,7 @@ from megatron_moe_ext.balancing.losses import (
     subkey_counts,
     subkey_marginal_loss,
 )
-from megatron_moe_ext.balancing.settings import (
-    check_balance_settings,
-    tracked_names_for,
-)
+from megatron_moe_ext.settings.balancing import check_balance_settings
 from megatron_moe_ext.kernels.product_keys import (
     product_key_half_scores,
     product_key_topk_with_candidates,
@@ -93,7 +90,7 @@ def test_flags_refuse_stride_with_candidates_before_any_rank(capsys) -> None:
 
 
 def test_peer_tracks_the_subkey_loss_and_row_usage(tiny_config) -> None:
-    names = tracked_names_for(tiny_config(**PEER_ONLY, moe_balance_losses=["subkey"], moe_balance_metrics=True))
+    names = tiny_config(**PEER_ONLY, moe_balance_losses=["subkey"], moe_balance_metrics=True).ext.balance.tracked_names
     assert names[0] == "subkey_balance_loss"
     assert {"max_violation", "load_entropy", "experts_used_fraction", "pk_rows_used", "pk_cols_used"} <= set(names)
 

@@ -12,7 +12,7 @@ from megatron_moe_ext.kernels.peer_experts import (
     peer_experts,
     uniform_offsets,
 )
-from megatron_moe_ext.peer_settings import (
+from megatron_moe_ext.settings.peer import (
     check_peer_parallel,
     padded_rows,
     peer_layer_numbers,
@@ -203,7 +203,7 @@ def test_config_validates_before_building(tiny_config) -> None:
     with pytest.raises(ValueError, match=r"layer\(s\) \[3\]"):
         tiny_config(moe_peer_num_experts=64, moe_peer_layers="3", **base)
     mixed = tiny_config(moe_peer_num_experts=64, moe_peer_layers="2", **base)
-    assert mixed.peer_layer_numbers() == [2] and mixed.hetereogenous_dist_checkpoint
+    assert mixed.ext.peer.layers == (2,) and mixed.hetereogenous_dist_checkpoint
     uniform = tiny_config(moe_peer_num_experts=64, moe_peer_layers="all", **base)
     assert not uniform.hetereogenous_dist_checkpoint
 
@@ -226,7 +226,7 @@ def test_flags_reach_the_config_and_bad_flags_exit() -> None:
         config = config_from_args(args)
     assert (config.moe_peer_num_experts, config.moe_peer_heads, config.moe_peer_topk) == (256, 4, 8)
     assert (config.moe_peer_activation, config.moe_peer_gate, config.moe_peer_table_lr_mult) == ("relu", "sigmoid", 3.0)
-    assert config.peer_layer_numbers() == [2]
+    assert config.ext.peer.layers == (2,)
     with pytest.raises(SystemExit) as exit_info:
         parse_megatron_args([*argv[:-1], "--moe-peer-layers", "7"], validate=False)
     assert exit_info.value.code == 2

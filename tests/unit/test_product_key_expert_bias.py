@@ -121,21 +121,21 @@ def _settings(**overrides):
 
 
 def test_settings_checks() -> None:
-    from megatron_moe_ext.router_settings import check_router_settings
+    from megatron_moe_ext.settings.router import router_settings
 
-    check_router_settings(_settings())  # top-2 on a 4 x 4 grid: 4 candidate pairs for 2 slots
-    check_router_settings(_settings(moe_router_topk=1, moe_pk_subkey_topk=2))
+    router_settings(_settings())  # top-2 on a 4 x 4 grid: 4 candidate pairs for 2 slots
+    router_settings(_settings(moe_router_topk=1, moe_pk_subkey_topk=2))
     with pytest.raises(ValueError, match=r"1 x 1 = 1 candidate pairs for 1 slots.*fix: --moe-pk-subkey-topk 2"):
-        check_router_settings(_settings(moe_router_topk=1))
+        router_settings(_settings(moe_router_topk=1))
     with pytest.raises(ValueError, match=r"1 x 1 = 1 candidate pairs"):  # a 1 x 16 grid, top-1
-        check_router_settings(_settings(moe_router_topk=1, moe_pk_grid_rows=1))
-    check_router_settings(_settings(moe_router_topk=1, moe_pk_grid_rows=1, moe_pk_subkey_topk=2))
+        router_settings(_settings(moe_router_topk=1, moe_pk_grid_rows=1))
+    router_settings(_settings(moe_router_topk=1, moe_pk_grid_rows=1, moe_pk_subkey_topk=2))
     with pytest.raises(ValueError, match="--moe-router-type product_key"):
-        check_router_settings(_settings(moe_router_type="topk"))
+        router_settings(_settings(moe_router_type="topk"))
     with pytest.raises(ValueError, match="'relatve' is unknown; fix: one of sign, relative"):
-        check_router_settings(_settings(moe_pk_bias_update_rule="relatve"))
+        router_settings(_settings(moe_pk_bias_update_rule="relatve"))
     with pytest.raises(ValueError, match="no selection bias to update"):
-        check_router_settings(_settings(moe_pk_expert_bias_balancing=False, moe_pk_bias_update_rule="relative"))
+        router_settings(_settings(moe_pk_expert_bias_balancing=False, moe_pk_bias_update_rule="relative"))
 
 
 def test_expert_bias_removes_a_pair_imbalance_that_separable_biases_cannot() -> None:

@@ -6,16 +6,15 @@ import warnings
 
 import pytest
 
-from megatron_moe_ext.router_settings import check_router_choice, product_key_layout
+from megatron_moe_ext.settings.router import check_router_choice, product_key_layout
 
 
 def test_layouts() -> None:
-    assert product_key_layout(4096, 8) == product_key_layout(4096, 8, heads=1)
-    lay = product_key_layout(4096, 8)
+    lay = product_key_layout(4096, 8, heads=1, key_dim=128)
     assert (lay.heads, lay.rows, lay.cols, lay.k, lay.subkey_topk, lay.pool_size) == (1, 64, 64, 8, 8, 4096)
-    lay = product_key_layout(2 * 1024, 8, heads=2, subkey_topk=16)
+    lay = product_key_layout(2 * 1024, 8, heads=2, key_dim=128, subkey_topk=16)
     assert (lay.rows, lay.cols, lay.k, lay.subkey_topk) == (32, 32, 4, 16)
-    lay = product_key_layout(128, 2, grid_rows=8)
+    lay = product_key_layout(128, 2, heads=1, key_dim=128, grid_rows=8)
     assert (lay.rows, lay.cols) == (8, 16)
 
 
@@ -35,6 +34,7 @@ def test_layouts() -> None:
 )
 def test_bad_geometry_is_refused_with_a_fix(kwargs: dict, needle: str) -> None:
     num_experts, topk = kwargs.pop("num_experts"), kwargs.pop("topk")
+    kwargs = {"heads": 1, "key_dim": 128, **kwargs}
     with pytest.raises(ValueError, match="fix|needs") as err:
         product_key_layout(num_experts, topk, **kwargs)
     assert needle in str(err.value)

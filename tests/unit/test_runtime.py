@@ -11,7 +11,7 @@ from megatron_moe_ext.testing import run_distributed
 
 def test_supported_version_passes_and_others_are_refused() -> None:
     assert check_megatron_core_version() in SUPPORTED_MEGATRON_CORE
-    with pytest.raises(ValueError, match=r"megatron-core 0\.18\.0 is not supported.*megatron-core==0\.19\.2"):
+    with pytest.raises(ValueError, match=r"megatron-core 0\.18\.0 is not supported.*>=0\.19\.2,<0\.21"):
         check_megatron_core_version("0.18.0")
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_moe_ext import telemetry
-from megatron_moe_ext.telemetry import GpuSample, TelemetryLogger, format_metrics, interval_metrics
+from megatron_moe_ext.integration import telemetry
+from megatron_moe_ext.integration.telemetry import GpuSample, TelemetryLogger, format_metrics, interval_metrics
 
 
 class FakeSampler:
@@ -25,7 +25,6 @@ def sample(energy_mj: float, *, power_w: float = 300.0) -> GpuSample:
 @pytest.mark.skipif(telemetry.HAVE_NVML, reason="nvidia-ml-py is installed here")
 def test_without_nvml_one_notice_and_nothing_installed(capsys, monkeypatch) -> None:
     monkeypatch.setitem(telemetry._STATE, "noticed", False)
-    monkeypatch.setitem(telemetry._STATE, "installed", False)
     monkeypatch.delenv("RANK", raising=False)
     import megatron.training.training as training
 

@@ -144,7 +144,7 @@ def common_reasons(args: argparse.Namespace) -> list[str]:
 
     refuse(not _get(args, "num_experts"), "a dense model (--num-experts unset): the native targets are MoE "
                                            "architectures")
-    refuse(_get(args, "moe_router_type", "topk") != "topk",
+    refuse(_get(args, "moe_router_type") not in (None, "topk"),  # None: saved before router types existed
            f"--moe-router-type {_get(args, 'moe_router_type')!r}: the product-key router has no native equivalent")
     refuse(_get(args, "moe_peer_num_experts") is not None,
            f"--moe-peer-num-experts {_get(args, 'moe_peer_num_experts')}: PEER layers have no native equivalent")
@@ -161,8 +161,9 @@ def common_reasons(args: argparse.Namespace) -> list[str]:
     refuse(_get(args, "moe_mlp_glu_interleave_size") or _get(args, "moe_shared_expert_glu_interleave_size"),
            "--moe-mlp-glu-interleave-size/--moe-shared-expert-glu-interleave-size: interleaved gate/up rows are "
            "not converted")
-    refuse(_get(args, "add_bias_linear"), "--add-bias-linear (linear biases): native MLPs, experts, routers and "
-                                          "output projections have no bias")
+    refuse(_get(args, "add_bias_linear"), "add_bias_linear=True (Megatron's default): native MLPs, experts, routers "
+                                          "and output projections have no bias; fix: train with --disable-bias-linear, "
+                                          "or export with --target megatron_moe_ext (remote code)")
     pos = _get(args, "position_embedding_type", "learned_absolute")
     refuse(pos != "rope", f"--position-embedding-type {pos}: native targets use RoPE")
     refuse(_get(args, "rotary_interleaved"), "--rotary-interleaved: native RoPE rotates halves (rotate_half)")

@@ -1,7 +1,8 @@
 """Target ``megatron_moe_ext``: our own architecture, shipped as remote code (``checkpoint/remote_code/``).
 
 Every model this package trains that no native transformers architecture reproduces exactly (the product-key
-router, PEER layers, softmax routing with shared experts and QK-norm, ...) exports here. The folder gets
+router, PEER layers, softmax routing with shared experts and QK-norm, Megatron's default flags: linear biases,
+GELU, LayerNorm, learned absolute positions, ...) exports here. The folder gets
 ``config.json`` with ``auto_map`` and the remote-code files; it loads with
 ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``.
 
@@ -43,22 +44,28 @@ AUTO_MAP = {
 }
 
 
-def _get(args: argparse.Namespace, name: str, default=None):
-    return getattr(args, name, default)
+def _get(args: argparse.Namespace, name: str):
+    """``args.<name>``, or for a namespace saved without that flag its default (``args.saved_arg``: from the
+    flag definitions, never restated here)."""
+    if hasattr(args, name):
+        return getattr(args, name)
+    from megatron_moe_ext.args import saved_arg  # Megatron's parser, only for a flag the checkpoint lacks
+
+    return saved_arg(args, name)
 
 
 def _peer_numbers(args: argparse.Namespace) -> list[int]:
     if not _get(args, "moe_peer_num_experts"):
         return []
-    from megatron_moe_ext.peer_settings import peer_layer_numbers
+    from megatron_moe_ext.settings.peer import peer_layer_numbers
 
-    return peer_layer_numbers(_get(args, "moe_peer_layers", "middle"), args.num_layers)
+    return peer_layer_numbers(args.moe_peer_layers, args.num_layers)  # a flag since PEER's first version
 
 
 def mlp_kinds(args: argparse.Namespace) -> list[str]:
     """Per layer 'peer', 'moe' or 'dense', as our specs build them (PEER replaces whatever MLP the layer had)."""
     peer = set(_peer_numbers(args))
-    freq = _get(args, "moe_layer_freq", 1)
+    freq = _get(args, "moe_layer_freq")
     pattern = [1 if i % freq == 0 else 0 for i in range(args.num_layers)] if isinstance(freq, int) else list(freq)
     kinds = []
     for i in range(args.num_layers):
@@ -79,6 +86,21 @@ def _activation(args: argparse.Namespace) -> tuple[str, bool]:
     return "gelu", False
 
 
+def _mlp_gelu_approximate(args: argparse.Namespace) -> str:
+    """'tanh' where Megatron's MLP modules ran its fused bias-GELU kernel (the tanh approximation): GELU, not gated,
+    with biases and ``--bias-gelu-fusion`` (on by default; validate_args turns it off without biases)."""
+    fused = _get(args, "bias_gelu_fusion") and _get(args, "add_bias_linear")
+    return "tanh" if fused and _activation(args) == ("gelu", False) else "none"
+
+
+def _max_positions(args: argparse.Namespace, state: dict[str, torch.Tensor]) -> int:
+    """Rows of the learned position table where there is one, else the run's --max-position-embeddings."""
+    table = state.get("embedding.position_embeddings.weight")
+    if table is not None:
+        return int(table.shape[0])
+    return int(_get(args, "max_position_embeddings") or _get(args, "seq_length") or 4096)
+
+
 class RemoteTarget:
     """The remote-code architecture (see the module docstring)."""
 
@@ -96,20 +118,20 @@ class RemoteTarget:
 
         refuse(_get(args, "multi_latent_attention"), "multi-latent attention (--multi-latent-attention)")
         refuse(_get(args, "mtp_num_layers"), f"multi-token prediction (--mtp-num-layers {_get(args, 'mtp_num_layers')})")
-        refuse(_get(args, "add_bias_linear"), "linear biases (--add-bias-linear; train with --disable-bias-linear)")
-        pos = _get(args, "position_embedding_type", "learned_absolute")
-        refuse(pos not in ("rope", "none"), f"--position-embedding-type {pos} (rope or none only)")
+        pos = _get(args, "position_embedding_type")
+        refuse(pos not in ("rope", "learned_absolute", "none"),
+               f"--position-embedding-type {pos} (rope, learned_absolute or none only)")
         refuse(_get(args, "rotary_interleaved"), "interleaved RoPE (--rotary-interleaved)")
         refuse(_get(args, "no_rope_freq"), "NoPE layers (--no-rope-freq)")
         refuse(_get(args, "mrope_section"), "multimodal RoPE (--mrope-section)")
-        norm = _get(args, "normalization", "LayerNorm")
+        norm = _get(args, "normalization")
         refuse(norm not in ("RMSNorm", "LayerNorm"), f"--normalization {norm} (RMSNorm or LayerNorm only)")
         refuse(_get(args, "apply_layernorm_1p") or _get(args, "layernorm_zero_centered_gamma"),
                "zero-centred norm weights (--apply-layernorm-1p)")
         refuse(_get(args, "apply_residual_connection_post_layernorm"),
                "--apply-residual-connection-post-layernorm")
         refuse(_get(args, "attention_output_gate"), "gated attention output (--attention-output-gate)")
-        softmax_type = _get(args, "softmax_type", "vanilla")
+        softmax_type = _get(args, "softmax_type")
         refuse(softmax_type != "vanilla", f"--softmax-type {softmax_type} (vanilla only)")
         refuse(_get(args, "window_size") is not None, "sliding-window attention (--window-size)")
         refuse(_get(args, "qk_l2_norm"), "L2-normalised queries and keys (--qk-l2-norm)")
@@ -121,11 +143,15 @@ class RemoteTarget:
         refuse(_get(args, "heterogeneous_layers_config_path") or _get(args, "heterogeneous_layers_config_encoded_json"),
                "heterogeneous layer configs (--heterogeneous-layers-config-path)")
         refuse(_get(args, "openai_gelu"), "tanh-approximated GELU (--openai-gelu)")
+        refuse(_activation(args)[0] == "gelu" and (_get(args, "use_te_activation_func")
+                                                    or _get(args, "use_transformer_engine_op_fuser")),
+               "GELU through Transformer Engine's activation ops (--use-te-activation-func, "
+               "--use-transformer-engine-op-fuser) is not reproduced")
         refuse(_get(args, "quick_geglu"), "quick GeGLU (--quick-geglu)")
-        refuse(_get(args, "glu_linear_offset", 0.0), "--glu-linear-offset")
+        refuse(_get(args, "glu_linear_offset"), "--glu-linear-offset")
         refuse(_get(args, "activation_func_clamp_value") is not None, "--activation-func-clamp-value")
         if _get(args, "num_experts") and "moe" in mlp_kinds(args):
-            lb = _get(args, "moe_router_load_balancing_type", "aux_loss")
+            lb = _get(args, "moe_router_load_balancing_type")
             for kind in lb if isinstance(lb, list) else [lb]:
                 refuse(kind in ("sinkhorn", "quantile_balancing"),
                        f"--moe-router-load-balancing-type {kind} (its routing is not top-k)")
@@ -147,7 +173,7 @@ class RemoteTarget:
         ng = args.num_query_groups if _get(args, "group_query_attention") else nh
         activation, glu = _activation(args)
         emb = state["embedding.word_embeddings.weight"]
-        tied = not _get(args, "untie_embeddings_and_output_weights", False)
+        tied = not _get(args, "untie_embeddings_and_output_weights")
         cfg: dict = {
             "model_type": MODEL_TYPE,
             "architectures": ["MegatronMoEExtForCausalLM"],
@@ -162,16 +188,19 @@ class RemoteTarget:
             "normalization": args.normalization,
             "norm_eps": float(args.layernorm_epsilon),
             "qk_layernorm": bool(_get(args, "qk_layernorm")),
-            "add_qkv_bias": bool(_get(args, "add_qkv_bias")),
+            # Megatron's linear_qkv has a bias with either flag (validate_args also sets add_qkv_bias).
+            "add_qkv_bias": bool(_get(args, "add_qkv_bias") or _get(args, "add_bias_linear")),
+            "add_bias_linear": bool(_get(args, "add_bias_linear")),
             "activation": activation,
             "gated_linear_unit": glu,
+            "mlp_gelu_approximate": _mlp_gelu_approximate(args),
             "position_embedding_type": args.position_embedding_type,
             "rotary_base": float(args.rotary_base),
             "rotary_percent": float(args.rotary_percent),
             "rotary_llama3_scaling": bool(_get(args, "use_rope_scaling")),
-            "rotary_llama3_factor": float(_get(args, "rope_scaling_factor", 8.0)),
+            "rotary_llama3_factor": float(_get(args, "rope_scaling_factor")),
             "rotary_interpolation_factor": _get(args, "rotary_seq_len_interpolation_factor"),
-            "max_position_embeddings": int(_get(args, "max_position_embeddings") or _get(args, "seq_length") or 4096),
+            "max_position_embeddings": _max_positions(args, state),
             "tie_word_embeddings": tied,
             "mlp_kinds": kinds,
         }
@@ -186,8 +215,8 @@ class RemoteTarget:
                 "num_experts": args.num_experts,
                 "moe_ffn_hidden_size": args.moe_ffn_hidden_size,
                 "moe_router_topk": args.moe_router_topk,
-                "moe_router_type": _get(args, "moe_router_type", "topk"),
-                "moe_router_score_function": _get(args, "moe_router_score_function", "softmax"),
+                "moe_router_type": _get(args, "moe_router_type"),
+                "moe_router_score_function": _get(args, "moe_router_score_function"),
                 "moe_router_pre_softmax": bool(_get(args, "moe_router_pre_softmax")),
                 "moe_router_topk_scaling_factor": _get(args, "moe_router_topk_scaling_factor"),
                 "moe_router_enable_expert_bias": bool(_get(args, "moe_router_enable_expert_bias")),
@@ -201,11 +230,11 @@ class RemoteTarget:
             })
             if cfg["moe_router_type"] == "product_key":
                 cfg.update({
-                    "moe_pk_heads": _get(args, "moe_pk_heads", 1),
-                    "moe_pk_key_dim": _get(args, "moe_pk_key_dim", 128),
+                    "moe_pk_heads": _get(args, "moe_pk_heads"),
+                    "moe_pk_key_dim": _get(args, "moe_pk_key_dim"),
                     "moe_pk_subkey_topk": _get(args, "moe_pk_subkey_topk"),
                     "moe_pk_grid_rows": _get(args, "moe_pk_grid_rows"),
-                    "moe_pk_query_norm": _get(args, "moe_pk_query_norm", "batchnorm"),
+                    "moe_pk_query_norm": _get(args, "moe_pk_query_norm"),
                     "moe_pk_bias_balancing": bool(_get(args, "moe_pk_bias_balancing")),
                     "moe_pk_expert_bias_balancing": bool(_get(args, "moe_pk_expert_bias_balancing")),
                 })
@@ -218,9 +247,9 @@ class RemoteTarget:
                 "moe_peer_topk": args.moe_peer_topk,
                 "moe_peer_key_dim": args.moe_peer_key_dim,
                 "moe_peer_subkey_topk": _get(args, "moe_peer_subkey_topk"),
-                "moe_peer_query_norm": _get(args, "moe_peer_query_norm", "batchnorm"),
-                "moe_peer_activation": _get(args, "moe_peer_activation", "gelu"),
-                "moe_peer_gate": _get(args, "moe_peer_gate", "softmax"),
+                "moe_peer_query_norm": _get(args, "moe_peer_query_norm"),
+                "moe_peer_activation": _get(args, "moe_peer_activation"),
+                "moe_peer_gate": _get(args, "moe_peer_gate"),
                 "moe_peer_shared_ffn_hidden_size": _get(args, "moe_peer_shared_ffn_hidden_size"),
             })
         return cfg
@@ -252,7 +281,8 @@ class RemoteTarget:
 
 _DEFAULTS = {  # MegatronMoEExtConfig's defaults for the fields a config.json may omit
     "num_key_value_heads": None, "ffn_hidden_size": None, "normalization": "RMSNorm", "norm_eps": 1e-5,
-    "qk_layernorm": False, "add_qkv_bias": False, "activation": "silu", "gated_linear_unit": True,
+    "qk_layernorm": False, "add_qkv_bias": False, "add_bias_linear": False, "activation": "silu",
+    "gated_linear_unit": True, "mlp_gelu_approximate": "none",
     "position_embedding_type": "rope", "rotary_base": 10000.0, "rotary_percent": 1.0, "rotary_llama3_scaling": False,
     "rotary_llama3_factor": 8.0, "rotary_interpolation_factor": None, "max_position_embeddings": 4096,
     "tie_word_embeddings": False, "mlp_kinds": None, "num_experts": None, "moe_ffn_hidden_size": None,
@@ -297,11 +327,20 @@ def expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
         return 2 * ffn if c["gated_linear_unit"] else ffn
 
     out: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (c["vocab_size"], h)}
+    if c["position_embedding_type"] == "learned_absolute":
+        out["embedding.position_embeddings.weight"] = (c["max_position_embeddings"], h)
+    bias = c["add_bias_linear"]
 
     def norm(prefix: str, size: int, weight: str = "weight", bias: str = "bias") -> None:
         out[f"{prefix}{weight}"] = (size,)
         if layer_norm:
             out[f"{prefix}{bias}"] = (size,)
+
+    def linear(prefix: str, rows: int, cols: int) -> None:
+        """A linear layer's weight [rows, cols], and its bias [rows] with add_bias_linear."""
+        out[f"{prefix}weight"] = (rows, cols)
+        if bias:
+            out[f"{prefix}bias"] = (rows,)
 
     for i, kind in enumerate(c["mlp_kinds"]):
         att = f"decoder.layers.{i}.self_attention."
@@ -310,25 +349,30 @@ def expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
         norm(f"{att}linear_qkv.", h, "layer_norm_weight", "layer_norm_bias")
         if c["add_qkv_bias"]:
             out[f"{att}linear_qkv.bias"] = (qkv_rows,)
-        out[f"{att}linear_proj.weight"] = (h, nh * hd)
+        linear(f"{att}linear_proj.", h, nh * hd)
         if c["qk_layernorm"]:
             norm(f"{att}q_layernorm.", hd)
             norm(f"{att}k_layernorm.", hd)
         mlp = f"decoder.layers.{i}.mlp."
         norm(f"{mlp}linear_fc1.", h, "layer_norm_weight", "layer_norm_bias")
         if kind == "dense":
-            out[f"{mlp}linear_fc1.weight"] = (fc1_rows(c["ffn_hidden_size"]), h)
-            out[f"{mlp}linear_fc2.weight"] = (h, c["ffn_hidden_size"])
+            linear(f"{mlp}linear_fc1.", fc1_rows(c["ffn_hidden_size"]), h)
+            linear(f"{mlp}linear_fc2.", h, c["ffn_hidden_size"])
         elif kind == "moe":
             E, F = c["num_experts"], c["moe_ffn_hidden_size"]
             out[f"{mlp}experts.experts.linear_fc1.weight"] = (E, fc1_rows(F), h)
             out[f"{mlp}experts.experts.linear_fc2.weight"] = (E, h, F)
+            if bias:  # stacked like the weights: [E, out]
+                out[f"{mlp}experts.experts.linear_fc1.bias"] = (E, fc1_rows(F))
+                out[f"{mlp}experts.experts.linear_fc2.bias"] = (E, h)
             if c["moe_router_type"] == "product_key":
                 H, D = c["moe_pk_heads"], c["moe_pk_key_dim"]
                 pool = E // H
                 rows = c["moe_pk_grid_rows"] or math.isqrt(pool)
                 cols = pool // rows
                 out[f"{mlp}router.query_weight"] = (H * D, h)
+                if bias:  # the query projection's bias, in place of Megatron's router.bias [E]
+                    out[f"{mlp}router.query_bias"] = (H * D,)
                 out[f"{mlp}router.row_keys"] = (H, rows, D // 2)
                 out[f"{mlp}router.col_keys"] = (H, cols, D // 2)
                 _query_norm(out, f"{mlp}router.query_norm.", c["moe_pk_query_norm"], H, D)
@@ -341,7 +385,7 @@ def expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
                     out[f"{mlp}router.noise_row_weight"] = (H * rows, h)
                     out[f"{mlp}router.noise_col_weight"] = (H * cols, h)
             else:
-                out[f"{mlp}router.weight"] = (E, h)
+                linear(f"{mlp}router.", E, h)
                 if c["moe_router_enable_expert_bias"]:
                     out[f"{mlp}router.expert_bias"] = (E,)
                 if c["moe_router_noisy_gating"]:
@@ -356,6 +400,8 @@ def expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
             H, D = c["moe_peer_heads"], c["moe_peer_key_dim"]
             n = math.isqrt(c["moe_peer_num_experts"])
             out[f"{mlp}query_weight"] = (H * D, h)
+            if bias:  # the query projection's bias; the single-neuron experts u, v have none
+                out[f"{mlp}query_bias"] = (H * D,)
             out[f"{mlp}row_keys"] = (H, n, D // 2)
             out[f"{mlp}col_keys"] = (H, n, D // 2)
             _query_norm(out, f"{mlp}query_norm.", c["moe_peer_query_norm"], H, D)
@@ -363,8 +409,8 @@ def expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
             out[f"{mlp}v"] = (c["moe_peer_table_rows"], h)
             shared = c["moe_peer_shared_ffn_hidden_size"]
             if shared:
-                out[f"{mlp}shared_mlp.linear_fc1.weight"] = (fc1_rows(shared), h)
-                out[f"{mlp}shared_mlp.linear_fc2.weight"] = (h, shared)
+                linear(f"{mlp}shared_mlp.linear_fc1.", fc1_rows(shared), h)
+                linear(f"{mlp}shared_mlp.linear_fc2.", h, shared)
     norm("decoder.final_layernorm.", h)
     if not c["tie_word_embeddings"]:
         out["output_layer.weight"] = (c["vocab_size"], h)
@@ -403,17 +449,24 @@ def model_flags(config: dict) -> list[str]:
     flags = ["--num-layers", str(c["num_hidden_layers"]), "--hidden-size", str(c["hidden_size"]),
              "--num-attention-heads", str(c["num_attention_heads"]), "--kv-channels", str(c["head_dim"]),
              "--normalization", c["normalization"], "--norm-epsilon", repr(float(c["norm_eps"])),
-             "--disable-bias-linear", "--position-embedding-type", c["position_embedding_type"],
+             "--position-embedding-type", c["position_embedding_type"],
              "--max-position-embeddings", str(c["max_position_embeddings"])]
+    if not c["add_bias_linear"]:  # Megatron's default is biases on (no flag turns them on)
+        flags.append("--disable-bias-linear")
     if c["ffn_hidden_size"]:
         flags += ["--ffn-hidden-size", str(c["ffn_hidden_size"])]
     if c["num_key_value_heads"] != c["num_attention_heads"]:
         flags += ["--group-query-attention", "--num-query-groups", str(c["num_key_value_heads"])]
     if c["qk_layernorm"]:
         flags.append("--qk-layernorm")
-    if c["add_qkv_bias"]:
+    if c["add_qkv_bias"] and not c["add_bias_linear"]:
         flags.append("--add-qkv-bias")
     activation = (c["activation"], bool(c["gated_linear_unit"]))
+    if c["mlp_gelu_approximate"] == "tanh" and not (c["add_bias_linear"] and activation == ("gelu", False)):
+        raise ValueError(f"config.json mlp_gelu_approximate='tanh' needs add_bias_linear and an ungated gelu (Megatron's "
+                         f"fused bias-GELU); fix: mlp_gelu_approximate 'none'")
+    if c["add_bias_linear"] and activation == ("gelu", False) and c["mlp_gelu_approximate"] == "none":
+        flags.append("--no-bias-gelu-fusion")  # exact GELU (the fused kernel, on by default, is the tanh one)
     if activation == ("silu", True):
         flags.append("--swiglu")
     elif activation == ("squared_relu", False):

@@ -19,6 +19,7 @@ from transformers import PreTrainedConfig
 MLP_KINDS = ("dense", "moe", "peer")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 ACTIVATIONS = ("silu", "gelu", "squared_relu")
+POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
 ROUTER_TYPES = ("topk", "product_key")
 SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
 QUERY_NORMS = ("batchnorm", "layernorm", "rmsnorm", "none")
@@ -28,8 +29,9 @@ ROUTER_DTYPES = (None, "fp32", "fp64")
 
 
 class MegatronMoEExtConfig(PreTrainedConfig):
-    """GPT decoder with Megatron semantics: GQA attention with RoPE, RMSNorm/LayerNorm, (gated) MLPs, Megatron MoE
-    layers (TopKRouter or our product-key router, stacked fine-grained experts, shared experts) and PEER layers."""
+    """GPT decoder with Megatron semantics: GQA attention with RoPE or learned absolute positions, RMSNorm/LayerNorm,
+    optional linear biases, (gated) MLPs, Megatron MoE layers (TopKRouter or our product-key router, stacked
+    fine-grained experts, shared experts) and PEER layers."""
 
     model_type = "megatron_moe_ext"
     keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
@@ -51,12 +53,23 @@ class MegatronMoEExtConfig(PreTrainedConfig):
     qk_layernorm: bool = False
     """Per-head norm (``normalization``) of queries and keys before RoPE (``--qk-layernorm``)."""
     add_qkv_bias: bool = False
+    """Bias of the QKV projection (``linear_qkv.bias``; Megatron sets it with ``add_bias_linear``)."""
+    add_bias_linear: bool = False
+    """Megatron's ``add_bias_linear`` (its default; ``--disable-bias-linear`` turns it off): biases on the attention
+    output projection, on fc1/fc2 of the dense MLPs, of the routed experts (stacked [E, F1] and [E, h]; the routing
+    probability scales the fc2 bias too, as SequentialMLP's ``per_token_scale``) and of PEER's dense branch, and on
+    the TopKRouter's logits (``router.bias`` [E], before the score function). Megatron's shared experts have none."""
     activation: str = "silu"
     """MLP activation: 'silu', 'gelu' (exact erf) or 'squared_relu'; with ``gated_linear_unit`` act(gate) * up."""
     gated_linear_unit: bool = True
     """fc1 rows are [gate; up] (``--swiglu``)."""
+    mlp_gelu_approximate: str = "none"
+    """GELU of Megatron's MLP modules (dense layers, PEER's dense branch) as torch's ``approximate``: 'tanh' where
+    the run fused the bias into the GELU (``--bias-gelu-fusion``, Megatron's default with biases), whose kernel
+    is the tanh approximation; 'none' (exact erf) otherwise. Routed experts always compute the exact GELU."""
     position_embedding_type: str = "rope"
-    """'rope' or 'none'."""
+    """'rope', 'learned_absolute' (Megatron's default: ``embedding.position_embeddings`` [max_position_embeddings,
+    h] added to the word embeddings) or 'none'."""
     rotary_base: float = 10000.0
     rotary_percent: float = 1.0
     """Fraction of each head's channels rotated (the first ones)."""
@@ -131,7 +144,8 @@ class MegatronMoEExtConfig(PreTrainedConfig):
             return ValueError(f"MegatronMoEExtConfig: {field}={value!r}; fix: {fix}")
 
         choices = [("normalization", NORMALIZATIONS), ("activation", ACTIVATIONS),
-                   ("position_embedding_type", ("rope", "none")), ("moe_router_type", ROUTER_TYPES),
+                   ("position_embedding_type", POSITION_EMBEDDINGS), ("mlp_gelu_approximate", ("none", "tanh")),
+                   ("moe_router_type", ROUTER_TYPES),
                    ("moe_router_score_function", SCORE_FUNCTIONS), ("moe_pk_query_norm", QUERY_NORMS),
                    ("moe_peer_query_norm", QUERY_NORMS), ("moe_peer_activation", PEER_ACTIVATIONS),
                    ("moe_peer_gate", PEER_GATES), ("moe_router_dtype", ROUTER_DTYPES)]
@@ -145,6 +159,11 @@ class MegatronMoEExtConfig(PreTrainedConfig):
                       f"a divisor of num_attention_heads={self.num_attention_heads}")
         if "moe" in self.mlp_kinds and not (self.num_experts and self.moe_ffn_hidden_size):
             raise bad("num_experts", self.num_experts, "set num_experts and moe_ffn_hidden_size for 'moe' layers")
+        if self.mlp_gelu_approximate != "none" and (self.activation, self.gated_linear_unit) != ("gelu", False):
+            raise bad("mlp_gelu_approximate", self.mlp_gelu_approximate,
+                      f"'none' (activation={self.activation!r}, gated_linear_unit={self.gated_linear_unit})")
+        if self.add_bias_linear and "moe" in self.mlp_kinds and self.moe_shared_expert_intermediate_size:
+            raise bad("add_bias_linear", True, "False with shared experts (Megatron's SharedExpertMLP has no biases)")
         if "peer" in self.mlp_kinds:
             n = math.isqrt(self.moe_peer_num_experts or 0)
             if not self.moe_peer_num_experts or n * n != self.moe_peer_num_experts:

@@ -13,6 +13,9 @@ safetensors file is the Megatron state with no transform: ``embedding.word_embed
 projection, rows interleaved per query group [q_1..q_hpg, k, v]), ``decoder.layers.<i>.mlp.linear_fc1.layer_norm_weight``
 (the pre-MLP norm, also on MoE and PEER layers), stacked experts ``mlp.experts.experts.linear_fc{1,2}.weight`` [E, out, in]
 with fc1 rows [gate; up], PEER tables ``mlp.u``/``mlp.v`` [N, h], ``decoder.final_layernorm.weight``, ``output_layer.weight``.
+Megatron's defaults are reproduced too: ``.bias`` next to each linear's weight (``add_bias_linear``; stacked expert
+biases [E, out]), LayerNorm biases (``layer_norm_bias``), ``embedding.position_embeddings.weight`` (learned absolute
+positions) and the tanh GELU of its fused bias-GELU kernel in the MLPs (``mlp_gelu_approximate``).
 
 The product-key retrieval, the router gates, the PEER expert reference and the query norms are the very files our
 Megatron layers run (``product_key_core.py``, ``peer_reference.py``, ``query_norm.py``, copied next to this one);
@@ -48,6 +51,8 @@ from .product_key_core import (
 from .query_norm import QueryNorm
 
 Tensor = torch.Tensor
+# transformers 5.25 renamed the outputs' ``past_key_values`` to ``cache`` (the old name still works, with a warning).
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def _router_dtype(name: str | None, input_dtype: torch.dtype) -> torch.dtype:
@@ -94,9 +99,11 @@ class NormLinear(nn.Module):
         return F.linear(self.norm(x), self.weight, self.bias)
 
 
-def _activation(config: MegatronMoEExtConfig, h: Tensor) -> Tensor:
-    """Megatron's MLP activation: act(gate) * up for gated units (fc1 rows [gate; up]), else act(h)."""
-    act = {"silu": F.silu, "gelu": F.gelu, "squared_relu": lambda t: torch.pow(F.relu(t), 2)}[config.activation]
+def _activation(config: MegatronMoEExtConfig, h: Tensor, gelu_approximate: str = "none") -> Tensor:
+    """Megatron's MLP activation: act(gate) * up for gated units (fc1 rows [gate; up]), else act(h).
+    ``gelu_approximate='tanh'``: Megatron's fused bias-GELU kernel (``bias_gelu_impl``, the tanh approximation)."""
+    act = {"silu": F.silu, "gelu": lambda t: F.gelu(t, approximate=gelu_approximate),
+           "squared_relu": lambda t: torch.pow(F.relu(t), 2)}[config.activation]
     if config.gated_linear_unit:
         gate, up = torch.chunk(h, 2, dim=-1)
         return act(gate) * up
@@ -171,7 +178,7 @@ class SelfAttention(nn.Module):
         nh, ng, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.nh, self.ng, self.hd, self.hpg = nh, ng, hd, nh // ng
         self.linear_qkv = NormLinear(config, config.hidden_size, ng * (self.hpg + 2) * hd, bias=config.add_qkv_bias)
-        self.linear_proj = nn.Linear(nh * hd, config.hidden_size, bias=False)
+        self.linear_proj = nn.Linear(nh * hd, config.hidden_size, bias=config.add_bias_linear)
         self.q_layernorm = Norm(config, hd) if config.qk_layernorm else None
         self.k_layernorm = Norm(config, hd) if config.qk_layernorm else None
         self.scale = 1.0 / math.sqrt(hd)
@@ -203,21 +210,23 @@ class SelfAttention(nn.Module):
 
 class MLP(nn.Module):
     """Megatron's MLP: fc1 (rows [gate; up] when gated), activation, fc2; ``norm=True`` stores the pre-MLP norm
-    in fc1 (a dense layer), otherwise plain linears (shared experts, PEER's dense branch)."""
+    in fc1 (a dense layer), otherwise plain linears (shared experts, PEER's dense branch). ``bias``: fc1 and fc2
+    biases (Megatron adds fc2's in its bias-dropout-add, here in the linear: the same sum)."""
 
-    def __init__(self, config: MegatronMoEExtConfig, ffn: int, *, norm: bool, gate: bool = False) -> None:
+    def __init__(self, config: MegatronMoEExtConfig, ffn: int, *, norm: bool, gate: bool = False,
+                 bias: bool = False) -> None:
         super().__init__()
         self.config = config
         h = config.hidden_size
         if norm:
-            self.linear_fc1 = NormLinear(config, h, _fc1_rows(config, ffn))
+            self.linear_fc1 = NormLinear(config, h, _fc1_rows(config, ffn), bias=bias)
         else:
-            self.linear_fc1 = nn.Linear(h, _fc1_rows(config, ffn), bias=False)
-        self.linear_fc2 = nn.Linear(ffn, h, bias=False)
+            self.linear_fc1 = nn.Linear(h, _fc1_rows(config, ffn), bias=bias)
+        self.linear_fc2 = nn.Linear(ffn, h, bias=bias)
         self.gate_weight = nn.Parameter(torch.empty(1, h)) if gate else None
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.linear_fc2(_activation(self.config, self.linear_fc1(x)))
+        out = self.linear_fc2(_activation(self.config, self.linear_fc1(x), self.config.mlp_gelu_approximate))
         if self.gate_weight is not None:  # SharedExpertMLP's gate
             out = out * torch.sigmoid(F.linear(x, self.gate_weight))
         return out
@@ -226,13 +235,15 @@ class MLP(nn.Module):
 class TopKRouter(nn.Module):
     """Megatron's TopKRouter in eval (``topk_routing_with_score_function``, unfused): softmax with or without
     pre-softmax, sigmoid or sqrtsoftplus normalised over the top-k, expert bias for the selection only,
-    group-limited top-k, scaling factor."""
+    group-limited top-k, scaling factor; with ``add_bias_linear`` a logit bias [E] (Megatron's ``router.bias``,
+    fp32, added to the logits before the score function)."""
 
     def __init__(self, config: MegatronMoEExtConfig) -> None:
         super().__init__()
         self.config = config
         E = config.num_experts
         self.weight = nn.Parameter(torch.empty(E, config.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(E)) if config.add_bias_linear else None
         if config.moe_router_enable_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
         else:
@@ -260,7 +271,7 @@ class TopKRouter(nn.Module):
         """(probs_TK in the router dtype, expert ids_TK)."""
         cfg = self.config
         dtype = _router_dtype(cfg.moe_router_dtype, x_Th.dtype)
-        logits = F.linear(x_Th.to(dtype), self.weight.to(dtype))
+        logits = F.linear(x_Th.to(dtype), self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
         k = cfg.moe_router_topk
         if cfg.moe_router_score_function == "softmax":
             if cfg.moe_router_pre_softmax:
@@ -285,7 +296,7 @@ class TopKRouter(nn.Module):
 
 
 class ProductKeyRouter(nn.Module):
-    """Our product-key router (``layers/product_key_router.py``) in eval: queries W_q x normalised per head,
+    """Our product-key router (``layers/product_key_router.py``) in eval: queries W_q x (+ b_q) normalised per head,
     half scores against row/column sub-keys, each head's exact top-k in its own pool (selection biases when
     bias balancing is on: separable row/column biases, a per-expert bias on the candidate pairs), Megatron's gates."""
 
@@ -297,6 +308,8 @@ class ProductKeyRouter(nn.Module):
         self.k = config.moe_router_topk // H
         self.subkey_topk = config.moe_pk_subkey_topk
         self.query_weight = nn.Parameter(torch.empty(H * D, config.hidden_size))
+        # add_bias_linear: the query projection's bias replaces Megatron's router.bias (not separable).
+        self.query_bias = nn.Parameter(torch.zeros(H * D)) if config.add_bias_linear else None
         self.row_keys = nn.Parameter(torch.empty(H, self.rows, D // 2))
         self.col_keys = nn.Parameter(torch.empty(H, self.cols, D // 2))
         self.query_norm = QueryNorm(config.moe_pk_query_norm, H, D, eps=config.query_norm_eps)
@@ -317,7 +330,8 @@ class ProductKeyRouter(nn.Module):
         cfg = self.config
         H, D = cfg.moe_pk_heads, cfg.moe_pk_key_dim
         dtype = torch.float64 if cfg.moe_router_dtype == "fp64" else torch.float32
-        q_THD = F.linear(x_Th.to(dtype), self.query_weight.to(dtype)).view(-1, H, D)
+        bias = self.query_bias.to(dtype) if self.query_bias is not None else None
+        q_THD = F.linear(x_Th.to(dtype), self.query_weight.to(dtype), bias).view(-1, H, D)
         q_THD = self.query_norm(q_THD).to(dtype)
         a_THn1, b_THn2 = product_key_half_scores(q_THD, (self.row_keys.to(dtype), self.col_keys.to(dtype)))
         biased = self.row_bias is not None
@@ -338,22 +352,26 @@ class ProductKeyRouter(nn.Module):
 
 
 class _Stacked(nn.Module):
-    """One stacked expert weight, so names read ``linear_fc1.weight`` as in Megatron's checkpoints."""
+    """One stacked expert weight [E, out, in] (and bias [E, out]), so names read ``linear_fc1.weight`` as in
+    Megatron's checkpoints."""
 
-    def __init__(self, *shape: int) -> None:
+    def __init__(self, *shape: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(*shape))
+        self.bias = nn.Parameter(torch.zeros(*shape[:2])) if bias else None
 
 
 class StackedExperts(nn.Module):
-    """All experts of a layer: fc1 [E, F1, h] (rows [gate; up]) and fc2 [E, h, F]; out = fc2(act(fc1 x) * p)."""
+    """All experts of a layer: fc1 [E, F1, h] (rows [gate; up]) and fc2 [E, h, F], optional biases b1 [E, F1] and
+    b2 [E, h]; out = fc2(act(fc1 x + b1) * p) + b2 * p (SequentialMLP's ``per_token_scale``; with
+    ``moe_apply_probs_on_input`` x is scaled by p instead and b2 is not)."""
 
     def __init__(self, config: MegatronMoEExtConfig) -> None:
         super().__init__()
         self.config = config
         E, F_, h = config.num_experts, config.moe_ffn_hidden_size, config.hidden_size
-        self.linear_fc1 = _Stacked(E, _fc1_rows(config, F_), h)
-        self.linear_fc2 = _Stacked(E, h, F_)
+        self.linear_fc1 = _Stacked(E, _fc1_rows(config, F_), h, bias=config.add_bias_linear)
+        self.linear_fc2 = _Stacked(E, h, F_, bias=config.add_bias_linear)
 
     def forward(self, x_Th: Tensor, probs_TK: Tensor, ids_TK: Tensor) -> Tensor:
         T, K = ids_TK.shape
@@ -367,8 +385,11 @@ class StackedExperts(nn.Module):
             x_nh = x_Th[rows]
             if self.config.moe_apply_probs_on_input:
                 x_nh, p = (p * x_nh).to(x_nh.dtype), torch.ones_like(p)
-            a_nF = _activation(self.config, F.linear(x_nh, self.linear_fc1.weight[e]))
+            b1, b2 = self.linear_fc1.bias, self.linear_fc2.bias
+            a_nF = _activation(self.config, F.linear(x_nh, self.linear_fc1.weight[e], None if b1 is None else b1[e]))
             y_nh = F.linear((a_nF * p).to(a_nF.dtype), self.linear_fc2.weight[e])
+            if b2 is not None:
+                y_nh = (y_nh + b2[e] * p).to(y_nh.dtype)
             out_Th.index_add_(0, rows, y_nh.to(out_Th.dtype))
         return out_Th
 
@@ -405,8 +426,9 @@ class MoELayer(nn.Module):
 
 
 class PEERLayer(nn.Module):
-    """Our PEER layer (``layers/peer.py``) in eval: per head a query W_q x normalised, the exact top-k single-neuron
-    experts of the shared n x n grid by product keys, gates, f(x) = sum g act(u . x) v, plus the dense branch."""
+    """Our PEER layer (``layers/peer.py``) in eval: per head a query W_q x (+ b_q) normalised, the exact top-k
+    single-neuron experts of the shared n x n grid by product keys, gates, f(x) = sum g act(u . x) v, plus the dense
+    branch."""
 
     def __init__(self, config: MegatronMoEExtConfig) -> None:
         super().__init__()
@@ -415,6 +437,8 @@ class PEERLayer(nn.Module):
         n = math.isqrt(config.moe_peer_num_experts)
         self.linear_fc1 = NormLinear(config, h, None)  # the layer's pre-MLP norm
         self.query_weight = nn.Parameter(torch.empty(H * D, h))
+        # add_bias_linear: the query projection's bias (the single-neuron experts have none).
+        self.query_bias = nn.Parameter(torch.zeros(H * D)) if config.add_bias_linear else None
         self.row_keys = nn.Parameter(torch.empty(H, n, D // 2))
         self.col_keys = nn.Parameter(torch.empty(H, n, D // 2))
         self.query_norm = QueryNorm(config.moe_peer_query_norm, H, D, eps=config.query_norm_eps)
@@ -422,14 +446,16 @@ class PEERLayer(nn.Module):
         self.v = nn.Parameter(torch.empty(config.moe_peer_table_rows, h))
         self.shared_mlp = None
         if config.moe_peer_shared_ffn_hidden_size:
-            self.shared_mlp = MLP(config, config.moe_peer_shared_ffn_hidden_size, norm=False)
+            self.shared_mlp = MLP(config, config.moe_peer_shared_ffn_hidden_size, norm=False,
+                                  bias=config.add_bias_linear)
 
     def forward(self, x_BSh: Tensor) -> Tensor:
         cfg = self.config
         B, S, h = x_BSh.shape
         H, D, k = cfg.moe_peer_heads, cfg.moe_peer_key_dim, cfg.moe_peer_topk
         x_Th = self.linear_fc1.norm(x_BSh).reshape(B * S, h)
-        q_THD = F.linear(x_Th, self.query_weight.to(x_Th.dtype)).view(-1, H, D)
+        bias = self.query_bias.to(x_Th.dtype) if self.query_bias is not None else None
+        q_THD = F.linear(x_Th, self.query_weight.to(x_Th.dtype), bias).view(-1, H, D)
         q_THD = self.query_norm(q_THD).float()
         a_THn, b_THn = product_key_half_scores(q_THD, (self.row_keys.float(), self.col_keys.float()))
         scores_THk, ids_THk = topk_from_half_scores(a_THn, b_THn, k, subkey_topk=cfg.moe_peer_subkey_topk)
@@ -454,7 +480,7 @@ class TransformerLayer(nn.Module):
         elif kind == "peer":
             self.mlp = PEERLayer(config)
         else:
-            self.mlp = MLP(config, config.ffn_hidden_size, norm=True)
+            self.mlp = MLP(config, config.ffn_hidden_size, norm=True, bias=config.add_bias_linear)
 
     def forward(self, x_BSh: Tensor, freqs: Tensor | None, mask_B1SL: Tensor, cache: Cache | None) -> Tensor:
         x_BSh = x_BSh + self.self_attention(x_BSh, freqs, mask_B1SL, cache)
@@ -462,9 +488,15 @@ class TransformerLayer(nn.Module):
 
 
 class _Embedding(nn.Module):
+    """Megatron's LanguageModelEmbedding: word embeddings, plus learned absolute position embeddings
+    [max_position_embeddings, h] with ``position_embedding_type='learned_absolute'``."""
+
     def __init__(self, config: MegatronMoEExtConfig) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = None
+        if config.position_embedding_type == "learned_absolute":
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
 
 
 class _Decoder(nn.Module):
@@ -542,17 +574,23 @@ class MegatronMoEExtForCausalLM(MegatronMoEExtPreTrainedModel, GenerationMixin):
         inputs_embeds: Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits [B, S, vocab]. ``attention_mask`` [B, L] (1 = attend) masks keys on top of causality;
-        positions default to the cache length + arange(S) (Megatron has no padding, hence no position shift)."""
+        positions default to the cache length + arange(S) (Megatron has no padding, hence no position shift).
+        The KV cache comes as ``cache`` (transformers >= 5.25, what ``generate`` passes there) or
+        ``past_key_values`` (earlier 5.x)."""
         x_BSh = self.embedding.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         B, S, _ = x_BSh.shape
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        cache = (past_key_values if past_key_values is not None else DynamicCache(config=self.config)) if use_cache else None
+        given = cache if cache is not None else past_key_values
+        cache = (given if given is not None else DynamicCache(config=self.config)) if use_cache else None
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + S, device=x_BSh.device).unsqueeze(0).expand(B, S)
+        if self.embedding.position_embeddings is not None:
+            x_BSh = x_BSh + self.embedding.position_embeddings(position_ids)
         L = past + S
         q_pos = torch.arange(past, L, device=x_BSh.device)
         mask_B1SL = (torch.arange(L, device=x_BSh.device)[None, :] > q_pos[:, None])[None, None]
@@ -567,7 +605,7 @@ class MegatronMoEExtForCausalLM(MegatronMoEExtPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: cache})
 
 
 __all__ = ["MegatronMoEExtForCausalLM", "MegatronMoEExtPreTrainedModel"]

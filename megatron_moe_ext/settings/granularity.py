@@ -12,13 +12,16 @@ makes single-neuron experts, the regime of the PEER layer). Shared experts, when
 DeepSeekMoE-style fine-grained experts of the same size: K_s shared experts add a shared MLP of
 hidden size ``K_s * d_ff / G``.
 
-No torch here: the launcher, the ``flops`` command and config validation all use it.
+No torch here: the launcher, the ``flops`` command and config validation all use it;
+``granularity_settings`` is the one place the derivation and its conflicts are decided.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 # Transformer Engine pads each expert's rows and needs GEMM dims to be multiples of these.
 FP8_ALIGNMENT = {"default": 16, "mxfp8": 32}
@@ -117,11 +120,74 @@ DERIVED_SETTINGS: dict[str, tuple[str, str]] = {
 }
 
 
-def explicit_conflicts(sizes: FineGrainedSizes, explicit: dict[str, tuple[str, int | None]]) -> list[str]:
-    """``'<label><value> (G implies <derived>)'`` for each explicitly set value the derivation
-    contradicts; ``explicit`` maps a FineGrainedSizes field to (label, value or None if unset)."""
-    return [
-        f"{label}{value} (G implies {getattr(sizes, field)})"
-        for field, (label, value) in explicit.items()
-        if value is not None and value != getattr(sizes, field)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GranularitySettings:
+    """--moe-granularity and its companions; ``sizes`` is what they derive (None without a granularity)."""
+
+    granularity: int | None
+    expansion_rate: int | None
+    base_topk: int
+    num_shared_experts: int
+    sizes: FineGrainedSizes | None
+
+    def derived(self) -> dict[str, int | None]:
+        """TransformerConfig field -> the value the granularity gives it (empty without a granularity)."""
+        if self.sizes is None:
+            return {}
+        return {name: getattr(self.sizes, field) for field, (name, _) in DERIVED_SETTINGS.items()}
+
+
+def granularity_settings(get: Callable[[str], Any]) -> GranularitySettings:
+    """The granularity settings, read through ``get(name)`` by MoEExtConfig/TransformerConfig field name.
+
+    ``get("moe_router_topk")`` must read None when the user did not set it (the flag path knows; a
+    config cannot tell an explicit value from Megatron's default, so it passes None for that default):
+    a derived value contradicting an explicitly set one is refused, naming both.
+    """
+    g = get("moe_granularity")
+    common = dict(granularity=g, expansion_rate=get("moe_expansion_rate"), base_topk=get("moe_base_topk"),
+                  num_shared_experts=get("moe_num_shared_experts"))
+    if g is None:
+        if common["num_shared_experts"]:
+            raise ValueError(
+                f"--moe-num-shared-experts {common['num_shared_experts']} needs --moe-granularity (shared experts "
+                "are sized ffn_hidden_size/G); fix: add --moe-granularity, or use Megatron's "
+                "--moe-shared-expert-intermediate-size"
+            )
+        return GranularitySettings(**common, sizes=None)
+    e, k0 = common["expansion_rate"], common["base_topk"]
+    if e is None:
+        raise ValueError(
+            f"--moe-granularity {g} needs --moe-expansion-rate (E, experts = E*G); fix: add e.g. --moe-expansion-rate 8"
+        )
+    ffn = get("ffn_hidden_size")
+    if ffn is None:
+        raise ValueError(
+            f"--moe-granularity {g} derives expert sizes from the dense FFN size; fix: pass --ffn-hidden-size"
+        )
+    sizes = derive_fine_grained(
+        ffn, g, e, k0,
+        num_shared_experts=common["num_shared_experts"],
+        expert_parallel_size=get("expert_model_parallel_size"),
+        fp8_recipe=get("fp8_recipe") if get("fp8") else None,
+    )
+    conflicts = [
+        f"{flag} {value} (G implies {getattr(sizes, field)})"
+        for field, (name, flag) in DERIVED_SETTINGS.items()
+        if (value := get(name)) is not None and value != getattr(sizes, field)
     ]
+    if conflicts:
+        raise ValueError(
+            f"--moe-granularity {g} --moe-expansion-rate {e} --moe-base-topk {k0} contradict {'; '.join(conflicts)}. "
+            "Fix: drop those flags (they are derived from G) or drop --moe-granularity."
+        )
+    return GranularitySettings(**common, sizes=sizes)
+
+
+def check_upcycling_granularity(granularity: int | None, *, upcycling: bool, upcycling_granularity: int) -> None:
+    """Megatron's --moe-upcycling-granularity (a training flag, no config field) cannot be combined with ours."""
+    if granularity is not None and upcycling and upcycling_granularity != 1:
+        raise ValueError(
+            f"--moe-upcycling-granularity {upcycling_granularity} with --moe-granularity {granularity}: the upcycling "
+            "granularity is G itself (--ffn-hidden-size stays the dense size); fix: drop --moe-upcycling-granularity"
+        )

@@ -1,11 +1,12 @@
-"""Which balance losses and metrics a run uses, checked once for the flags and the config.
+"""Which balance losses and metrics a run uses (``BalanceSettings``), built once for the flags and the config.
 
-No process groups and no model here: ``check_balance_settings`` runs from ``args.apply_ext_args``
-(before any process group exists) and from ``MoEExtConfig.__post_init__``; every refusal is a
-ValueError naming the values and the fix. ``balance_coefficients`` turns the user's settings into
-the coefficient each loss is attached with; ``tracked_names`` lists what the routers record in
-Megatron's MoE metrics tracker, derived from the settings alone so that every rank (pipeline stages
-without MoE layers included) appends the same names to Megatron's ``track_names``.
+Pure Python, no process groups and no model: ``balance_settings`` runs from ``args.apply_ext_args``
+(before any process group exists) and from ``MoEExtConfig.__post_init__`` (through
+``settings.build_settings``); every refusal (``check_balance_settings``) is a ValueError naming the
+values and the fix. ``balance_coefficients`` turns the user's settings into the coefficient each loss
+is attached with; ``tracked_names`` lists what the routers record in Megatron's MoE metrics tracker,
+derived from the settings alone so that every rank (pipeline stages without MoE layers included)
+appends the same names to Megatron's ``track_names``.
 
 The losses (``losses.py``) and where each is attached (``attach.py``):
 
@@ -28,10 +29,10 @@ TP ranks), its step load over those and DP (``balancing/peer.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
-
-from megatron_moe_ext.balancing.losses import GRANULARITY_POLICIES
+from collections.abc import Callable, Sequence
+from typing import Any
 
 BALANCE_LOSSES = ("expert", "global_expert", "sequence", "device", "communication", "subkey")
 
@@ -48,6 +49,13 @@ LOSS_LOG_NAMES = {
 # Coefficient of each loss when --moe-balance-coeffs is not given, at G = 1: the Switch
 # Transformer's and Megatron's recommended aux-loss weight (arXiv 2101.03961, section 2.2).
 DEFAULT_BALANCE_COEFF = 1e-2
+# Multiplier of a G = 1 coefficient at granularity G for each policy (derivation in
+# balancing/losses.py, coefficient_for_granularity).
+GRANULARITY_POLICIES = {
+    "constant": lambda g: 1.0,
+    "constant_gradient": lambda g: math.sqrt(g),
+    "constant_gradient_per_expert": lambda g: float(g),
+}
 # Policy applied to those default coefficients (see balance_coefficients).
 DEFAULT_COEFF_POLICY = "constant_gradient"
 COEFF_POLICIES = tuple(GRANULARITY_POLICIES)
@@ -194,19 +202,47 @@ def tracked_names(
     return names
 
 
-def tracked_names_for(config) -> list[str]:
-    """``tracked_names`` for a config (or anything with MoEExtConfig's field names)."""
-    coefficients = balance_coefficients(
-        getattr(config, "moe_balance_losses", None),
-        getattr(config, "moe_balance_coeffs", None),
-        getattr(config, "moe_balance_coeff_policy", None),
-        getattr(config, "moe_granularity", None),
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BalanceSettings:
+    """The balance losses and metrics of a run, resolved: ``coefficients`` are the (loss, coefficient)
+    pairs attached, in order (0 = off), ``tracked_names`` what Megatron's MoE metrics tracker reports."""
+
+    coefficients: tuple[tuple[str, float], ...]
+    metrics: bool
+    usage_window: int
+    tracked_names: tuple[str, ...]
+
+    @property
+    def losses(self) -> tuple[tuple[str, float], ...]:
+        """The losses that are on (coefficient > 0), with their coefficients."""
+        return tuple((name, c) for name, c in self.coefficients if c > 0)
+
+    @property
+    def requested(self) -> bool:
+        """Balance losses or metrics were asked for (a router that balances is needed)."""
+        return bool(self.coefficients) or self.metrics
+
+    @property
+    def needs_step_hook(self) -> bool:
+        """Work once per step: the global_expert loss's counts reset, or the metrics."""
+        return "global_expert" in dict(self.coefficients) or self.metrics
+
+
+def balance_settings(get: Callable[[str], Any]) -> BalanceSettings:
+    """The balance settings, checked, reading by ``MoEExtConfig``/TransformerConfig field name through
+    ``get(name)`` (the config, or Megatron's args through a name map)."""
+    losses, coeffs, policy = get("moe_balance_losses"), get("moe_balance_coeffs"), get("moe_balance_coeff_policy")
+    metrics, window = bool(get("moe_balance_metrics")), get("moe_balance_usage_window")
+    router_type, peer_num_experts = get("moe_router_type"), get("moe_peer_num_experts")
+    ep_size = get("expert_model_parallel_size") or 1
+    check_balance_settings(
+        losses=losses, coeffs=coeffs, policy=policy, metrics=metrics, usage_window=window, router_type=router_type,
+        num_experts=get("num_moe_experts"), ep_size=ep_size, peer_num_experts=peer_num_experts,
     )
-    return tracked_names(
-        coefficients,
-        metrics=bool(getattr(config, "moe_balance_metrics", False)),
+    coefficients = tuple(balance_coefficients(losses, coeffs, policy, get("moe_granularity")))
+    names = tracked_names(
+        coefficients, metrics=metrics, ep_size=ep_size,
         # PEER layers record the row/column usage too (their sub-key grids).
-        product_key=getattr(config, "moe_router_type", "topk") == "product_key"
-        or getattr(config, "moe_peer_num_experts", None) is not None,
-        ep_size=getattr(config, "expert_model_parallel_size", 1) or 1,
+        product_key=router_type == "product_key" or peer_num_experts is not None,
     )
+    return BalanceSettings(coefficients=coefficients, metrics=metrics, usage_window=window, tracked_names=tuple(names))

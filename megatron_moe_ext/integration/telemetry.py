@@ -7,16 +7,15 @@ right after Megatron's, and writes the same values to the TensorBoard writer whe
 
 Seam: none exists. ``megatron.training.training.training_log`` builds its console line as a local
 string and offers no callback (its own ``--log-energy`` covers energy per iteration only, through
-a private monitor), so ``install_telemetry`` wraps that module attribute, which ``train()`` looks
-up at each call; the original runs unchanged and first.
+a private monitor), so the integration table's row ``telemetry`` wraps that module attribute, which
+``train()`` looks up at each call; the original runs unchanged and first.
 
 Energy per token is this GPU's energy over the interval divided by the tokens this GPU's share of
 the job processed, ``E_gpu / (tokens / world_size)``: for ranks that draw alike it equals the
 whole job's energy per token. NVML's counter is cumulative millijoules since driver load
 (``nvmlDeviceGetTotalEnergyConsumption``, Volta and newer).
 
-Without NVML (package missing, no driver, no GPU) ``install_telemetry`` prints one notice on rank 0
-and installs nothing.
+Without NVML (package missing, no driver, no GPU) the row prints one notice on rank 0 and installs nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ except ImportError:
     HAVE_NVML = False
 
 NOTICE_PREFIX = "> megatron-moe-ext telemetry:"
-_STATE: dict[str, Any] = {"installed": False, "noticed": False}
+_STATE: dict[str, Any] = {"noticed": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,26 +154,24 @@ def _notice(message: str) -> None:
         print(f"{NOTICE_PREFIX} {message}", flush=True)
 
 
-def install_telemetry(sampler: Sampler | None = None) -> bool:
-    """Log GPU telemetry after Megatron's training log line. Idempotent; True if installed.
+def _default_sampler() -> Sampler | None:
+    """NVML on this rank's GPU (``LOCAL_RANK``), or None after one notice when NVML or a GPU is missing."""
+    if not HAVE_NVML:
+        _notice("nvidia-ml-py (pynvml) is not installed; GPU telemetry is off (pip install nvidia-ml-py)")
+        return None
+    try:
+        return NvmlSampler(int(os.environ.get("LOCAL_RANK", "0")))
+    except Exception as err:  # pynvml.NVMLError: no driver or no such device
+        _notice(f"NVML is unavailable ({err}); GPU telemetry is off")
+        return None
 
-    Without ``sampler`` it uses NVML on this rank's GPU (``LOCAL_RANK``); when NVML or a GPU is
-    missing it prints one notice and does nothing else.
-    """
-    if _STATE["installed"]:
-        return True
+
+def wrap_training_log(original):
+    """Row ``telemetry``: Megatron's ``training_log``, then one telemetry line on the last rank every
+    ``--log-interval`` iterations. Returns None (the row is then not installed) without a sampler."""
+    sampler = _STATE.pop("sampler", None) or _default_sampler()
     if sampler is None:
-        if not HAVE_NVML:
-            _notice("nvidia-ml-py (pynvml) is not installed; GPU telemetry is off (pip install nvidia-ml-py)")
-            return False
-        try:
-            sampler = NvmlSampler(int(os.environ.get("LOCAL_RANK", "0")))
-        except Exception as err:  # pynvml.NVMLError: no driver or no such device
-            _notice(f"NVML is unavailable ({err}); GPU telemetry is off")
-            return False
-    import megatron.training.training as training
-
-    original = training.training_log
+        return None
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     logger = TelemetryLogger(sampler, world_size=world_size)
 
@@ -196,6 +193,16 @@ def install_telemetry(sampler: Sampler | None = None) -> bool:
             )
         return result
 
-    training.training_log = training_log_with_telemetry
-    _STATE["installed"] = True
-    return True
+    return training_log_with_telemetry
+
+
+def install_telemetry(sampler: Sampler | None = None) -> bool:
+    """Install the ``telemetry`` row alone (rank setups install it with the whole ``training`` group),
+    with ``sampler`` instead of NVML if given; True if it is in place."""
+    from megatron_moe_ext.integration.installer import install, installed
+
+    if sampler is not None:
+        _STATE["sampler"] = sampler
+    install(("training",), only=("telemetry",))
+    _STATE.pop("sampler", None)
+    return "telemetry" in installed()

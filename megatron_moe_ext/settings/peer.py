@@ -1,6 +1,7 @@
 """Settings of PEER layers, checked before any model is built (pure: no Megatron, no tensors).
 
-``peer_layout`` validates the expert grid and retrieval sizes, ``peer_layer_numbers`` turns
+``peer_settings`` builds ``PEERSettings`` (the layout, the layer numbers and every ``moe_peer_*``
+value) for the config and the flag path alike. ``peer_layout`` validates the expert grid and retrieval sizes, ``peer_layer_numbers`` turns
 --moe-peer-layers into Megatron's 1-based layer numbers, ``table_shard`` says which expert rows a
 rank owns (and the padding applied when N does not divide), ``check_peer_parallel`` the
 parallel layout, ``check_peer_subkey_loss`` the subkey loss's marginals and stride. Every failure
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from typing import Any
 
 PEER_ACTIVATIONS = ("gelu", "relu", "silu")
 PEER_GATES = ("softmax", "sigmoid")
@@ -167,3 +170,62 @@ def check_peer_subkey_loss(*, marginals: str, stride: int) -> None:
             f"token; fix: --moe-peer-subkey-loss-marginals full --moe-peer-subkey-loss-stride {stride}, or drop "
             "--moe-peer-subkey-loss-stride"
         )
+
+
+def check_peer_table_mults(*, lr_mult: float, wd_mult: float) -> None:
+    """The PEER tables' learning-rate and weight-decay multipliers (optimizer parameter groups)."""
+    for name, value in (("moe_peer_table_lr_mult", lr_mult), ("moe_peer_table_wd_mult", wd_mult)):
+        if value < 0:
+            raise ValueError(f"{name}={value} must be >= 0; fix: e.g. 1.0 (unchanged) or 0 (frozen / no decay)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PEERSettings:
+    """PEER layers (``MoEExtConfig.moe_peer_*``): ``layout`` None and ``layers`` empty without
+    --moe-peer-num-experts; the other values as given."""
+
+    layout: PEERLayout | None
+    layers: tuple[int, ...]
+    query_norm: str
+    activation: str
+    gate: str
+    shared_ffn_hidden_size: int | None
+    backend: str
+    chunk_pairs: int
+    deterministic: bool
+    shard: str
+    table_lr_mult: float
+    table_wd_mult: float
+    subkey_loss_stride: int
+    subkey_loss_marginals: str
+
+    @property
+    def enabled(self) -> bool:
+        return self.layout is not None
+
+
+def peer_settings(get: Callable[[str], Any]) -> PEERSettings:
+    """The PEER settings, checked when PEER layers are on, reading by ``MoEExtConfig`` field name
+    through ``get(name)`` (the config, or Megatron's args through a name map)."""
+    values = dict(
+        query_norm=get("moe_peer_query_norm"), activation=get("moe_peer_activation"), gate=get("moe_peer_gate"),
+        shared_ffn_hidden_size=get("moe_peer_shared_ffn_hidden_size"), backend=get("moe_peer_backend"),
+        chunk_pairs=get("moe_peer_chunk_pairs"), deterministic=bool(get("moe_peer_deterministic")),
+        shard=get("moe_peer_shard"), table_lr_mult=get("moe_peer_table_lr_mult"),
+        table_wd_mult=get("moe_peer_table_wd_mult"), subkey_loss_stride=get("moe_peer_subkey_loss_stride"),
+        subkey_loss_marginals=get("moe_peer_subkey_loss_marginals"),
+    )
+    num_experts = get("moe_peer_num_experts")
+    if num_experts is None:
+        return PEERSettings(layout=None, layers=(), **values)
+    layout = peer_layout(
+        num_experts, heads=get("moe_peer_heads"), topk=get("moe_peer_topk"), key_dim=get("moe_peer_key_dim"),
+        subkey_topk=get("moe_peer_subkey_topk"),
+    )
+    layers = tuple(peer_layer_numbers(get("moe_peer_layers"), get("num_layers")))
+    check_peer_parallel(shard=values["shard"], tp=get("tensor_model_parallel_size"), ep=get("expert_model_parallel_size"))
+    check_peer_subkey_loss(marginals=values["subkey_loss_marginals"], stride=values["subkey_loss_stride"])
+    if values["chunk_pairs"] < 1:
+        raise ValueError(f"moe_peer_chunk_pairs={values['chunk_pairs']} must be >= 1; fix: e.g. 16384")
+    check_peer_table_mults(lr_mult=values["table_lr_mult"], wd_mult=values["table_wd_mult"])
+    return PEERSettings(layout=layout, layers=layers, **values)

@@ -9,8 +9,8 @@ Memory-layer work trains value tables at their own rate (Berges et al. 2024 use 
 max_lr/min_lr.
 
 megatron.training builds those overrides in ``get_megatron_optimizer_config(args)`` with no hook
-for extra entries, so ``install_peer_optimizer_groups`` wraps that function (the only patch here;
-the wrapper adds our entry and changes nothing else). Callers building their own optimizer use
+for extra entries, so the integration table's row ``peer-optimizer-groups`` wraps that function
+(``wrap_get_megatron_optimizer_config``: it adds our entry and changes nothing else). Callers building their own optimizer use
 ``peer_table_overrides`` directly.
 """
 
@@ -24,12 +24,9 @@ from megatron.core.optimizer.optimizer_config import ParamKey
 PEER_TABLE_ATTR = "peer_table"
 
 
-def peer_table_overrides(optimizer_config: OptimizerConfig, lr_mult: float = 1.0, wd_mult: float = 1.0) -> dict:
+def peer_table_overrides(optimizer_config: OptimizerConfig, lr_mult: float, wd_mult: float) -> dict:
     """``{ParamKey(attr='peer_table'): override}`` for Megatron's config_overrides (empty when both
-    multipliers are 1)."""
-    for name, value in (("moe_peer_table_lr_mult", lr_mult), ("moe_peer_table_wd_mult", wd_mult)):
-        if value < 0:
-            raise ValueError(f"{name}={value} must be >= 0; fix: e.g. 1.0 (unchanged) or 0 (frozen / no decay)")
+    multipliers are 1; the settings, ``settings/peer.py``, refuse negative ones)."""
     override: dict[str, Any] = {}
     if lr_mult != 1.0:
         override["max_lr"] = optimizer_config.lr * lr_mult
@@ -39,25 +36,18 @@ def peer_table_overrides(optimizer_config: OptimizerConfig, lr_mult: float = 1.0
     return {ParamKey(attr=PEER_TABLE_ATTR): override} if override else {}
 
 
-def install_peer_optimizer_groups() -> None:
-    """Make megatron.training's optimizer setup add the PEER table groups from its args
-    (idempotent)."""
-    from megatron.training import training
-
-    original = training.get_megatron_optimizer_config
-    if getattr(original, "_megatron_moe_ext", False):
-        return
+def wrap_get_megatron_optimizer_config(original):
+    """Row ``peer-optimizer-groups``: Megatron's optimizer config plus the PEER table groups from its args."""
 
     def get_megatron_optimizer_config(args):
+        from megatron_moe_ext.args import settings_from_args
+
         config, overrides = original(args)
-        extra = peer_table_overrides(
-            config,
-            getattr(args, "moe_peer_table_lr_mult", 1.0),
-            getattr(args, "moe_peer_table_wd_mult", 1.0),
-        )
-        if extra and getattr(args, "moe_peer_num_experts", None):
-            overrides = {**(overrides or {}), **extra}
+        peer = settings_from_args(args).peer
+        if peer.enabled:
+            extra = peer_table_overrides(config, peer.table_lr_mult, peer.table_wd_mult)
+            if extra:
+                overrides = {**(overrides or {}), **extra}
         return config, overrides
 
-    get_megatron_optimizer_config._megatron_moe_ext = True  # type: ignore[attr-defined]
-    training.get_megatron_optimizer_config = get_megatron_optimizer_config
+    return get_megatron_optimizer_config

@@ -1,4 +1,4 @@
-"""Router choice and the product-key router's settings: checks shared by the config and the flags.
+"""Router choice and the product-key router's settings (``RouterSettings``), built once for the config and the flags.
 
 Pure Python (no torch), so the flag path can refuse bad settings before any process group or
 model exists. Every refusal is a ValueError naming the values and the fix.
@@ -11,7 +11,9 @@ topk/heads experts of its own pool, so every token gets exactly topk distinct ex
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 ROUTER_TYPES = ("topk", "product_key")
 # Update rules of the product-key selection biases (MoEExtConfig.moe_pk_bias_update_rule).
@@ -49,12 +51,13 @@ def product_key_layout(
     num_experts: int | None,
     topk: int,
     *,
-    heads: int = 1,
-    key_dim: int = 128,
+    heads: int,
+    key_dim: int,
     subkey_topk: int | None = None,
     grid_rows: int | None = None,
 ) -> ProductKeyLayout:
-    """Checks the product-key geometry; returns the layout."""
+    """Checks the product-key geometry; returns the layout (``subkey_topk`` None: the top-k per head;
+    ``grid_rows`` None: a square grid)."""
     if num_experts is None:
         raise ValueError("--moe-router-type product_key needs MoE experts; fix: set --num-experts (n*n) or --moe-granularity")
     if heads < 1:
@@ -156,10 +159,30 @@ def check_router_choice(
             raise ValueError(f"--moe-router-type product_key with {flag}: {why}")
 
 
-def check_router_settings(get) -> None:
-    """Every router check of this module, reading settings by ``MoEExtConfig`` field name through
-    ``get(name)`` (the config object, or Megatron's parsed args through a name map), so the config
-    and the flag path apply exactly the same rules."""
+@dataclass(frozen=True, kw_only=True)
+class RouterSettings:
+    """The router of the MoE layers (``MoEExtConfig.moe_router_*`` and ``moe_pk_*``); ``pk_layout`` is
+    the product-key geometry (None for the dense router)."""
+
+    router_type: str
+    noisy_gating: bool
+    pk_layout: ProductKeyLayout | None
+    pk_key_dim: int
+    pk_query_norm: str
+    pk_bias_balancing: bool
+    pk_expert_bias_balancing: bool
+    pk_bias_update_rule: str
+
+    @property
+    def selection_biases(self) -> bool:
+        """A product-key selection bias is updated once per step (the finalize hook)."""
+        return self.pk_bias_balancing or self.pk_expert_bias_balancing
+
+
+def router_settings(get: Callable[[str], Any]) -> RouterSettings:
+    """The router settings, checked, reading by ``MoEExtConfig`` field name through ``get(name)`` (the
+    config object, or Megatron's parsed args through a name map), so the config and the flag path
+    apply exactly the same rules."""
     router_type = get("moe_router_type")
     check_router_choice(
         router_type,
@@ -172,18 +195,20 @@ def check_router_settings(get) -> None:
         force_load_balancing=bool(get("moe_router_force_load_balancing")),
         routing_replay=bool(get("moe_enable_routing_replay")),
     )
-    if get("moe_pk_bias_balancing") and router_type != "product_key":
+    bias, expert_bias = bool(get("moe_pk_bias_balancing")), bool(get("moe_pk_expert_bias_balancing"))
+    if bias and router_type != "product_key":
         raise ValueError(
             f"--moe-pk-bias-balancing with --moe-router-type {router_type}: the separable biases belong to the "
             "product-key router; fix: --moe-router-type product_key, or Megatron's --moe-router-enable-expert-bias "
             "for the dense router"
         )
-    if get("moe_pk_expert_bias_balancing") and router_type != "product_key":
+    if expert_bias and router_type != "product_key":
         raise ValueError(
             f"--moe-pk-expert-bias-balancing with --moe-router-type {router_type}: this per-expert bias acts on the "
             "product-key candidate grid; fix: --moe-router-type product_key, or Megatron's "
             "--moe-router-enable-expert-bias for the dense router"
         )
+    layout = None
     if router_type == "product_key":
         layout = product_key_layout(
             get("num_moe_experts"),
@@ -193,16 +218,21 @@ def check_router_settings(get) -> None:
             subkey_topk=get("moe_pk_subkey_topk"),
             grid_rows=get("moe_pk_grid_rows"),
         )
-        if get("moe_pk_expert_bias_balancing"):
+        if expert_bias:
             check_expert_bias_candidates(layout)
     rule = get("moe_pk_bias_update_rule")
-    if rule is not None and rule not in BIAS_UPDATE_RULES:
+    if rule not in BIAS_UPDATE_RULES:
         raise ValueError(f"--moe-pk-bias-update-rule {rule!r} is unknown; fix: one of {', '.join(BIAS_UPDATE_RULES)}")
-    if rule not in (None, "sign") and not (get("moe_pk_bias_balancing") or get("moe_pk_expert_bias_balancing")):
+    if rule != "sign" and not (bias or expert_bias):  # another rule than Megatron's would change nothing
         raise ValueError(
             f"--moe-pk-bias-update-rule {rule} with no selection bias to update; fix: add --moe-pk-bias-balancing "
             "and/or --moe-pk-expert-bias-balancing, or drop the rule"
         )
+    return RouterSettings(
+        router_type=router_type, noisy_gating=bool(get("moe_router_noisy_gating")), pk_layout=layout,
+        pk_key_dim=get("moe_pk_key_dim"), pk_query_norm=get("moe_pk_query_norm"), pk_bias_balancing=bias,
+        pk_expert_bias_balancing=expert_bias, pk_bias_update_rule=rule,
+    )
 
 
 def check_expert_bias_candidates(layout: ProductKeyLayout) -> None:
