@@ -2,8 +2,14 @@
 
 Parses the flags exactly as ``train`` does (Megatron's parser plus the granularity derivation, no
 validation, so no process group and no subprocess), then prints ``accounting.format_report`` or one
-JSON object (``Accounting.to_dict()``). The vocabulary is ``--vocab-size`` padded by Megatron's rule;
-tokenizers are not loaded, so ``--vocab-size`` is required.
+JSON object (``Accounting.to_dict()``).
+
+Which model: without model-shape flags (``--num-layers``, ``--hidden-size``) it is the embedded default that
+``megatron-moe-ext train`` trains without data flags (your flags on top, granularity flags replacing its
+expert sizing, as in ``train``), so ``flops --moe-granularity 8 --moe-expansion-rate 4`` costs exactly what
+``train --moe-granularity 8 --moe-expansion-rate 4`` trains. With them, Megatron's own defaults plus your
+flags; the vocabulary is then ``--vocab-size`` padded by Megatron's rule (tokenizers are not loaded, so
+``--vocab-size`` is required).
 """
 
 from __future__ import annotations
@@ -21,6 +27,21 @@ def _parser() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=PROG, usage=f"{PROG} [MEGATRON AND megatron-moe-ext FLAGS] [--json]")
 
 
+_SHAPE_FLAGS = ("--num-layers", "--hidden-size")
+
+
+def with_embedded_default(argv: list[str]) -> list[str]:
+    """``argv`` on top of the embedded default model when it names no model shape (see the module docstring)."""
+    from megatron_moe_ext.training.train import _GRANULARITY_FLAGS, _SIZING_FLAGS, DEFAULT_MODEL_ARGS, _without
+
+    if any(a.split("=", 1)[0] in _SHAPE_FLAGS for a in argv):
+        return argv
+    defaults = list(DEFAULT_MODEL_ARGS)
+    if any(a.split("=", 1)[0] in _GRANULARITY_FLAGS for a in argv):
+        defaults = _without(defaults, _SIZING_FLAGS)
+    return defaults + argv
+
+
 def main(argv: Sequence[str]) -> int:
     """Print the accounting for the model the flags describe; argument errors exit 2."""
     from megatron_moe_ext.accounting import account, format_report, shape_from_args
@@ -29,6 +50,7 @@ def main(argv: Sequence[str]) -> int:
     argv = list(argv)
     as_json = "--json" in argv
     rest = [a for a in argv if a != "--json"]
+    rest = with_embedded_default(rest)
     if "-h" in rest or "--help" in rest:
         # Megatron's --help lists the model flags but not ours: say what flops adds first.
         print(f"usage: {PROG} [MEGATRON AND megatron-moe-ext FLAGS] [--json]\n"

@@ -65,6 +65,17 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
 NEEDS_MEGATRON = frozenset({"train", "launch", "analyze", "compare", "import-hf", "flops"})
 
 
+def quiet_cpu_host() -> None:
+    """On a host without CUDA, silence the known-harmless messages (``runtime.cpu.HARMLESS_CPU_MESSAGES``)
+    before Megatron is imported: forked CPU ranks inherit the filters and the already-imported modules."""
+    import torch
+
+    if not torch.cuda.is_available():
+        from megatron_moe_ext.runtime.cpu import filter_harmless_cpu_messages
+
+        filter_harmless_cpu_messages()
+
+
 def _usage() -> str:
     lines = ["usage: megatron-moe-ext SUBCOMMAND [ARGS...]", "", "sub-commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -91,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ImportError, ValueError) as err:
             print(f"megatron-moe-ext {name}: error: {err}", file=sys.stderr)
             return 2
+    if name in NEEDS_MEGATRON:
+        quiet_cpu_host()
     return COMMANDS[name][0](rest)
 
 

@@ -84,6 +84,8 @@ def run_script(script: str, argv: Sequence[str]) -> None:
 
 
 def _launcher_parser() -> argparse.ArgumentParser:
+    from megatron_moe_ext.integration.flag_help import FeatureHelpAction
+
     parser = argparse.ArgumentParser(
         prog=PROG,
         description=(
@@ -91,7 +93,9 @@ def _launcher_parser() -> argparse.ArgumentParser:
             "flags, config class and layer specs. Every Megatron flag and ours is accepted after the script."
         ),
         allow_abbrev=False,
+        add_help=False,
     )
+    parser.add_argument("-h", "--help", action=FeatureHelpAction)
     parser.add_argument("script", help="path to Megatron-LM's pretrain_gpt.py (or a script with its __main__)")
     parser.add_argument("--nproc", type=int, default=None, help="ranks to start on this machine (CPU default 2; GPU: one per GPU)")
     parser.add_argument("--cache-dir", default=None, help="dataset cache (default $MEGATRON_MOE_EXT_CACHE or ~/.cache/megatron_moe_ext)")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -148,7 +147,9 @@ def _run_capture(plan_paths: Sequence[str], nproc: int) -> None:
                "-m", "megatron_moe_ext.analysis.capture", *plan_paths]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    rc = subprocess.call(command, env=env)
+    from megatron_moe_ext.runtime.run_group import run_command
+
+    rc = run_command(command, env=env)  # its own process group: no worker outlives this process
     if rc != 0:
         raise RuntimeError(f"trace capture failed (exit code {rc}): {' '.join(command)}")
 

@@ -22,6 +22,7 @@ import torch
 from megatron_moe_ext.checkpoint import hf_tokenizer
 from megatron_moe_ext.checkpoint.hf_targets import TARGET_NAMES, HFModel, choose_target
 from megatron_moe_ext.checkpoint.torch_dist import (
+    check_files,
     read_args,
     read_model_state,
     resolve_iteration,
@@ -72,6 +73,13 @@ def write_safetensors(folder: str, tensors: dict[str, torch.Tensor], max_shard_b
     return files
 
 
+def current_umask() -> int:
+    """This process's umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _check_out(out: str) -> None:
     if os.path.exists(out):
         raise ValueError(f"--out {out!r} already exists; fix: choose a new folder (an export never overwrites)")
@@ -97,6 +105,7 @@ def export_hf(checkpoint: str, out: str, *, iteration: int | None = None, dtype:
         raise ValueError(f"--max-shard-size {max_shard_size!r} must be positive")
     _check_out(out)
     iter_dir, found_iteration = resolve_iteration(checkpoint, iteration)
+    check_files(iter_dir)  # a missing or truncated shard: named, before any reading
     args = read_args(iter_dir)
     chosen, refused = choose_target(args, target)
     token_source = hf_tokenizer.tokenizer_source(args, tokenizer)
@@ -120,6 +129,9 @@ def export_hf(checkpoint: str, out: str, *, iteration: int | None = None, dtype:
     parent = os.path.dirname(os.path.abspath(out))
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
     try:
+        # mkdtemp's owner-only 0700 would survive the rename: the folder follows the umask like any new folder.
+        umask = current_umask()
+        os.chmod(tmp, 0o777 & ~umask)
         files = write_safetensors(tmp, tensors, max_shard_bytes)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
@@ -132,6 +144,8 @@ def export_hf(checkpoint: str, out: str, *, iteration: int | None = None, dtype:
                       "target": chosen.name, "dtype": dtype, "refused_native_targets": refused}
         with open(os.path.join(tmp, "megatron_moe_ext_export.json"), "w") as f:
             json.dump(provenance, f, indent=2)
+        for name in os.listdir(tmp):  # safetensors writes its files 0600: they follow the umask too
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

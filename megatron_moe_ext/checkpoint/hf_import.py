@@ -36,15 +36,32 @@ _FUSED_GATE_UP = re.compile(r"^(.*\.mlp\.experts)\.gate_up_proj$")
 _FUSED_DOWN = re.compile(r"^(.*\.mlp\.experts)\.down_proj$")
 
 
+def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file``, with a missing or damaged file reported as a ValueError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is missing (listed in the folder's {INDEX_FILE}); re-download or re-export the "
+                         f"folder")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise ValueError(f"{path}: the file is truncated or not a safetensors file; re-download or re-export "
+                         f"({type(err).__name__}: {err})") from None
+
+
 def read_hf_tensors(folder: str) -> dict[str, torch.Tensor]:
     """Every tensor of a HF folder (sharded with an index, or one model.safetensors), in fp32; experts that
     transformers 5 wrote fused (``save_original_format=False``) are split back into the per-expert names."""
-    from safetensors.torch import load_file
-
     index = os.path.join(folder, INDEX_FILE)
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index} is not a safetensors index (no readable 'weight_map': {err!r}); the file is "
+                             f"damaged: re-download or re-export the folder") from None
     elif os.path.isfile(os.path.join(folder, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -52,7 +69,7 @@ def read_hf_tensors(folder: str) -> dict[str, torch.Tensor]:
                          f"save_pretrained or export-hf")
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
-        for name, t in load_file(os.path.join(folder, file)).items():
+        for name, t in _load_safetensors(os.path.join(folder, file)).items():
             t = t.float() if t.is_floating_point() else t
             gate_up, down = _FUSED_GATE_UP.match(name), _FUSED_DOWN.match(name)
             if gate_up is not None and t.dim() == 3:  # [E, 2F, H], gate rows first

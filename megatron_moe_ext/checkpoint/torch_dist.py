@@ -20,10 +20,12 @@ pre-MLP norm (also on MoE and PEER layers); experts are stacked ``…mlp.experts
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -75,8 +77,22 @@ def resolve_iteration(checkpoint: str, iteration: int | None = None) -> tuple[st
     return iter_dir, (None if release else iteration)
 
 
+@contextlib.contextmanager
+def _single_process() -> Iterator[None]:
+    """Silences torch's notice that a load without a process group runs in one process: that is our intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized, "
+                                r"assuming the intent is to load in a single process")
+        yield
+
+
 def read_common_state(iter_dir: str) -> dict:
     """The checkpoint's common (non-sharded) state: Megatron's ``args`` namespace, iteration, version."""
+    with _single_process():
+        return _read_common_state(iter_dir)
+
+
+def _read_common_state(iter_dir: str) -> dict:
     try:
         from megatron.core.dist_checkpointing.serialization import (
             load_common_state_dict,
@@ -124,7 +140,8 @@ def _read(iter_dir: str, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]])
     size = 0
 
     def flush() -> Iterator[tuple[str, torch.Tensor]]:
-        dcp_load(batch, storage_reader=FileSystemReader(iter_dir), no_dist=True)
+        with _single_process():
+            dcp_load(batch, storage_reader=FileSystemReader(iter_dir), no_dist=True)
         yield from batch.items()
 
     for key, (shape, dtype) in sorted(shapes.items()):
@@ -167,3 +184,113 @@ def canonical_name(key: str, leading_offset: int) -> str:
     model's sharded state dict says both): a stacked key names the layer at that offset."""
     stacked = _STACKED_KEY.match(key)
     return f"decoder.layers.{leading_offset}.{stacked.group(1)}" if stacked is not None else key
+
+
+# -- integrity and architecture of a checkpoint before --load ---------------------------------------------------
+# Megatron flags that fix the shapes of the saved tensors (Megatron's and ours): a --load whose run disagrees
+# with its checkpoint on any of them fails deep in a rank with a shape mismatch.
+ARCHITECTURE_ARGS: tuple[str, ...] = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
+    "num_query_groups", "kv_channels",
+    "vocab_size", "swiglu", "untie_embeddings_and_output_weights", "add_bias_linear", "position_embedding_type",
+    "normalization", "num_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+    "moe_router_type", "moe_pk_heads", "moe_pk_key_dim", "moe_peer_num_experts", "moe_peer_layers",
+    "moe_peer_heads", "moe_peer_key_dim", "moe_peer_shared_ffn_hidden_size",
+)
+_RECOPY = ("fix: copy the whole iteration folder again from where it was saved, or --load a checkpoint "
+           "directory whose latest iteration is complete (edit its latest_checkpointed_iteration.txt to an "
+           "earlier iteration)")
+
+
+def check_files(iter_dir: str) -> None:
+    """ValueError naming every file of a torch_dist iteration folder that is missing, or shorter than the byte
+    ranges its ``.metadata`` records (a truncated copy or an interrupted save); reads only the metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata_path = os.path.join(iter_dir, ".metadata")
+    if not os.path.isfile(metadata_path):
+        raise ValueError(f"{metadata_path} is missing: the save did not finish or the folder was copied "
+                         f"incompletely; {_RECOPY}")
+    try:
+        metadata = FileSystemReader(iter_dir).read_metadata()
+    except Exception as err:  # pickle/EOF errors of a damaged file
+        raise ValueError(f"{metadata_path} is damaged ({type(err).__name__}: {err}); {_RECOPY}") from None
+    needed: dict[str, int] = {}  # file -> the end of the last byte range the metadata records in it
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    problems = []
+    for name, end in sorted(needed.items()):
+        path = os.path.join(iter_dir, name)
+        if not os.path.isfile(path):
+            problems.append(f"{path} is missing")
+        elif os.path.getsize(path) < end:
+            problems.append(f"{path} is truncated ({os.path.getsize(path)} bytes; the metadata records data up to "
+                            f"byte {end})")
+    if problems:
+        raise ValueError(f"the checkpoint in {iter_dir} is damaged: " + "; ".join(problems) + f"; {_RECOPY}")
+
+
+def architecture_differences(saved: argparse.Namespace, run: argparse.Namespace) -> list[tuple[str, object, object]]:
+    """(arg name, saved value, run value) for each ``ARCHITECTURE_ARGS`` entry on which both are set and differ
+    (pure; a value one side does not set, e.g. one Megatron derives later, is not compared)."""
+    out = []
+    for name in ARCHITECTURE_ARGS:
+        if name == "num_query_groups" and not (getattr(saved, "group_query_attention", False)
+                                               and getattr(run, "group_query_attention", False)):
+            continue  # without GQA Megatron's validation sets it to the head count: the parser default means nothing
+        a, b = getattr(saved, name, None), getattr(run, name, None)
+        if a is not None and b is not None and a != b:
+            out.append((name, a, b))
+    return out
+
+
+def check_load_checkpoint(run: argparse.Namespace) -> None:
+    """Launcher-side check of ``--load`` (``run`` = the run's parsed Megatron args): its torch_dist checkpoint
+    has every file its metadata references, none truncated, and was saved with this run's architecture
+    (``ARCHITECTURE_ARGS``); ValueError naming the file or the differing values and what to do. Nothing is
+    checked without --load, without a saved iteration (Megatron's fresh start; the preflight decides), for
+    other checkpoint formats, with --use-checkpoint-args (the checkpoint's shapes win) or when upcycling
+    (a dense checkpoint into an MoE model)."""
+    load = run.load  # Megatron's parsed args: these fields always exist
+    if not load or run.use_checkpoint_args or run.moe_use_upcycling:
+        return
+    if not os.path.isdir(load):
+        return  # the preflight refuses it (or --ext-allow-fresh-start lets Megatron start from scratch)
+    tracker = os.path.join(load, TRACKER)
+    step = run.ckpt_step
+    if step is None:
+        if not os.path.isfile(tracker):
+            return
+        with open(tracker) as f:
+            text = f.read().strip()
+        if text != "release" and not text.isdigit():
+            raise ValueError(f"{tracker} holds {text!r}, not an iteration number; fix: write the iteration to "
+                             f"resume from into it, or pass --ckpt-step N")
+        iter_dir = os.path.join(load, "release" if text == "release" else f"iter_{int(text):07d}")
+    else:
+        iter_dir = os.path.join(load, f"iter_{int(step):07d}")
+    if not os.path.isdir(iter_dir):
+        found = sorted(d for d in os.listdir(load) if d.startswith("iter_") or d == "release")
+        raise ValueError(f"--load {load!r}: {iter_dir} does not exist (found: {', '.join(found) or 'none'}); fix: "
+                         f"point {TRACKER} or --ckpt-step at one of those")
+    try:
+        with open(os.path.join(iter_dir, "metadata.json")) as f:
+            backend = json.load(f).get("sharded_backend")
+    except (OSError, ValueError):
+        backend = None
+    if backend != "torch_dist":
+        return
+    check_files(iter_dir)
+    try:
+        saved = read_args(iter_dir)
+    except ValueError:
+        return  # no saved args (not written by megatron.training): nothing to compare
+    except Exception as err:
+        raise ValueError(f"the checkpoint in {iter_dir} is damaged: its common state cannot be read "
+                         f"({type(err).__name__}: {err}); {_RECOPY}") from None
+    diffs = architecture_differences(saved, run)
+    if diffs:
+        listed = "; ".join(f"--{n.replace('_', '-')} {a} in the checkpoint, {b} in this run" for n, a, b in diffs)
+        raise ValueError(f"--load {load!r} holds a checkpoint of a different architecture ({iter_dir}): {listed}; "
+                         f"fix: pass the checkpoint's values, or --use-checkpoint-args, or --load a checkpoint of "
+                         f"this model (--finetune does not change shapes)")

@@ -10,9 +10,10 @@ the row name) and the originals are kept (``original(name)``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from megatron_moe_ext.integration.table import REPLACEMENTS, SEAMS, Replacement, rows
@@ -147,6 +148,33 @@ def markdown_table() -> str:
     for s in SEAMS:
         lines.append(f"| `{s.target}` | {', '.join(s.params) or '-'} | {s.used_by} |")
     return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def temporarily(names: Iterable[str]) -> Iterator[None]:
+    """The named rows in place for the ``with`` block only (checked first), the previous attributes restored after:
+    for a launcher that runs a Megatron check the ranks run under the row (e.g. ``cpu-device-arch`` while it
+    validates the arguments without enabling the CPU runtime)."""
+    wanted = [r for r in REPLACEMENTS if r.name in set(names)]
+    missing = set(names) - {r.name for r in wanted}
+    if missing:
+        raise ValueError(f"unknown integration row(s) {sorted(missing)}")
+    _raise_problems(check(table=wanted, seams=False))
+    restore = []
+    try:
+        for row in wanted:
+            owner, attr, current = _resolve(row.target)
+            if getattr(current, MARK, None) == row.name:
+                continue
+            restore.append((owner, attr, current))
+            module_name, _, function = row.wrapper.partition(":")
+            replacement = getattr(importlib.import_module(module_name), function)(current)
+            if replacement is not None:
+                setattr(owner, attr, replacement)
+        yield
+    finally:
+        for owner, attr, value in reversed(restore):
+            setattr(owner, attr, value)
 
 
 def installed() -> list[str]:

@@ -131,9 +131,17 @@ REPLACEMENTS: tuple[Replacement, ...] = (
         "with no hook for extra entries", "extra config_overrides from the model config"),
     Replacement(
         "telemetry", "megatron.training.training:training_log",
-        "megatron_moe_ext.integration.telemetry:wrap_training_log", "training", ("iteration",),
-        "NVML GPU memory/power/energy per token next to Megatron's line: training_log builds its line locally and "
-        "offers no callback (installed only where NVML and a GPU are present)", "a training-log callback"),
+        "megatron_moe_ext.integration.telemetry:wrap_training_log", "training",
+        ("loss_dict", "iteration", "skipped_iter"),
+        "a progress line (iteration, loss, tokens/s, time left) and, where NVML and a GPU are present, GPU "
+        "memory/power/energy per token next to Megatron's line: training_log builds its line locally and offers "
+        "no callback", "a training-log callback"),
+    Replacement(
+        "args-dump", "megatron.training.arguments:_print_args",
+        "megatron_moe_ext.integration.args_dump:wrap_print_args", "training", ("title", "args"),
+        "validate_args prints every argument (~850 lines) on rank 0 before training; rank 0 writes them to "
+        "<save>/arguments.txt instead and prints where (MEGATRON_MOE_EXT_PRINT_ARGS=1 prints them)",
+        "a switch for the argument dump (or a logger at debug level)"),
     Replacement(
         "balance-logging", "megatron.core.transformer.moe.moe_logging:MoEMetricsTracker.report",
         "megatron_moe_ext.integration.metrics_logging:wrap_report", "training", ("track_names",),

@@ -1,6 +1,12 @@
-"""GPU telemetry next to Megatron's training log: memory used, power, energy per token, SM clock.
+"""Next to Megatron's training log: a progress line, and GPU telemetry (memory used, power, energy per token, SM clock).
 
-Every ``--log-interval`` iterations the last rank (the one that prints Megatron's iteration line)
+Progress (always): every ``--log-interval`` iterations the last rank prints one short line after Megatron's,
+``progress: iteration 40/300 (13%) | loss 4.1021 | 10,240 tokens/s | 0:03:12 left``, the loss averaged over
+the interval (the first key of Megatron's loss dict, ``lm loss``), tokens/s of the whole job over the interval
+(wall clock between two lines, so evaluation and checkpointing in between count) and the time left at that
+rate (``--train-iters`` runs; sample-based runs from ``--train-samples``).
+
+GPU telemetry: every ``--log-interval`` iterations the last rank (the one that prints Megatron's iteration line)
 samples its GPU through NVML (``nvidia-ml-py``, imported as ``pynvml``) and prints one line
 right after Megatron's, and writes the same values to the TensorBoard writer when Megatron has one
 (``--tensorboard-dir``), under ``gpu/*``.
@@ -15,14 +21,17 @@ the job processed, ``E_gpu / (tokens / world_size)``: for ranks that draw alike 
 whole job's energy per token. NVML's counter is cumulative millijoules since driver load
 (``nvmlDeviceGetTotalEnergyConsumption``, Volta and newer).
 
-Without NVML (package missing, no driver, no GPU) the row prints one notice on rank 0 and installs nothing.
+Without NVML (package missing, no driver) on a GPU host the row prints one notice on rank 0 and keeps only the
+progress line; on a CPU host (no GPU to sample) it says nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import os
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -145,6 +154,75 @@ class TelemetryLogger:
         return metrics
 
 
+def format_progress(
+    iteration: int, *, total_iters: int | None, loss: float | None, tokens_per_s: float | None,
+    seconds_left: float | None,
+) -> str:
+    """The progress line (pure): ``progress: iteration 40/300 (13%) | loss 4.1021 | 10,240 tokens/s | 0:03:12 left``;
+    unknown parts (first interval, no loss on this rank, no iteration budget) are left out."""
+    parts = [f"progress: iteration {iteration}"]
+    if total_iters:
+        parts[0] += f"/{total_iters} ({100 * iteration // total_iters}%)"
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
+    if tokens_per_s is not None:
+        parts.append(f"{tokens_per_s:,.0f} tokens/s")
+    if seconds_left is not None:
+        parts.append(f"{datetime.timedelta(seconds=round(max(0.0, seconds_left)))} left")
+    return " " + " | ".join(parts)
+
+
+class ProgressLogger:
+    """Averages the loss over each logging interval and measures its tokens/s; ``clock`` is injectable for tests."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._loss_sum = 0.0
+        self._loss_count = 0
+        self._last: tuple[float, int, int] | None = None  # (time, iteration, consumed samples) at the last line
+
+    def record(self, loss: Any) -> None:
+        """One iteration's loss, a float or a 0-d tensor (summed as a tensor: no device sync per iteration);
+        None for a skipped iteration or a rank without the loss."""
+        if loss is not None:
+            self._loss_sum = self._loss_sum + loss
+            self._loss_count += 1
+
+    def start(self, iteration: int, consumed_samples: int) -> None:
+        """Start the first interval here (the first logged call), if none is running yet."""
+        if self._last is None:
+            self._last = (self.clock(), iteration, consumed_samples)
+
+    def line(
+        self, iteration: int, *, consumed_samples: int, seq_length: int, train_iters: int | None,
+        train_samples: int | None = None,
+    ) -> str:
+        """The interval's progress line; starts the next interval."""
+        now = self.clock()
+        loss = float(self._loss_sum) / self._loss_count if self._loss_count else None
+        tokens_per_s = seconds_left = None
+        if self._last is not None and now > self._last[0] and iteration > self._last[1]:
+            elapsed = now - self._last[0]
+            samples = consumed_samples - self._last[2]
+            tokens_per_s = samples * seq_length / elapsed
+            if train_iters:
+                seconds_left = (train_iters - iteration) * elapsed / (iteration - self._last[1])
+            elif train_samples and samples > 0:
+                seconds_left = (train_samples - consumed_samples) * elapsed / samples
+        self._loss_sum, self._loss_count = 0.0, 0
+        self._last = (now, iteration, consumed_samples)
+        return format_progress(iteration, total_iters=train_iters, loss=loss, tokens_per_s=tokens_per_s,
+                               seconds_left=seconds_left)
+
+
+def _first_loss(loss_dict: Any) -> Any:
+    """The first entry of Megatron's loss dict (``lm loss``) as a 0-d tensor (or float), or None if empty."""
+    for value in (loss_dict or {}).values():
+        value = value[0] / value[1] if isinstance(value, tuple) else value
+        return value.detach().float().mean() if hasattr(value, "float") else float(value)
+    return None
+
+
 def _notice(message: str) -> None:
     # Once per process, and only on rank 0 (RANK is set by torchrun before any process group).
     if _STATE["noticed"]:
@@ -156,6 +234,10 @@ def _notice(message: str) -> None:
 
 def _default_sampler() -> Sampler | None:
     """NVML on this rank's GPU (``LOCAL_RANK``), or None after one notice when NVML or a GPU is missing."""
+    import torch
+
+    if not torch.cuda.is_available():  # a CPU host: no GPU to sample, nothing to say
+        return None
     if not HAVE_NVML:
         _notice("nvidia-ml-py (pynvml) is not installed; GPU telemetry is off (pip install nvidia-ml-py)")
         return None
@@ -167,33 +249,41 @@ def _default_sampler() -> Sampler | None:
 
 
 def wrap_training_log(original):
-    """Row ``telemetry``: Megatron's ``training_log``, then one telemetry line on the last rank every
-    ``--log-interval`` iterations. Returns None (the row is then not installed) without a sampler."""
+    """Row ``telemetry``: Megatron's ``training_log``, then on the last rank every ``--log-interval`` iterations
+    the progress line and, where NVML samples a GPU, the telemetry line."""
     sampler = _STATE.pop("sampler", None) or _default_sampler()
-    if sampler is None:
-        return None
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    logger = TelemetryLogger(sampler, world_size=world_size)
+    telemetry = None if sampler is None else TelemetryLogger(sampler, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    progress = ProgressLogger()
 
     @functools.wraps(original)
-    def training_log_with_telemetry(*args: Any, **kwargs: Any) -> Any:
-        result = original(*args, **kwargs)
+    def training_log_with_progress(*args: Any, **kwargs: Any) -> Any:
         from megatron.training import get_args, get_tensorboard_writer
         from megatron.training.utils import is_last_rank
 
+        loss_dict = kwargs["loss_dict"] if "loss_dict" in kwargs else args[0]
+        skipped = kwargs["skipped_iter"] if "skipped_iter" in kwargs else args[6]
+        last_rank = is_last_rank()
+        if last_rank and not skipped:
+            progress.record(_first_loss(loss_dict))  # before the original, which may reset its accumulators
+        result = original(*args, **kwargs)
         margs = get_args()
         iteration = kwargs["iteration"] if "iteration" in kwargs else args[3]
-        if margs.log_interval and iteration % margs.log_interval == 0 and is_last_rank():
-            logger.log(
-                iteration,
-                consumed_samples=int(margs.consumed_train_samples),
-                seq_length=int(margs.seq_length),
-                print_fn=lambda line: print(line, flush=True),
-                writer=get_tensorboard_writer(),
-            )
+        if not last_rank or not margs.log_interval:
+            return result
+        consumed = int(margs.consumed_train_samples)
+        if iteration % margs.log_interval == 0:
+            print(progress.line(iteration, consumed_samples=consumed, seq_length=int(margs.seq_length),
+                                train_iters=margs.train_iters, train_samples=margs.train_samples), flush=True)
+            if telemetry is not None:
+                telemetry.log(
+                    iteration, consumed_samples=consumed, seq_length=int(margs.seq_length),
+                    print_fn=lambda line: print(line, flush=True), writer=get_tensorboard_writer(),
+                )
+        else:
+            progress.start(iteration, consumed)
         return result
 
-    return training_log_with_telemetry
+    return training_log_with_progress
 
 
 def install_telemetry(sampler: Sampler | None = None) -> bool:

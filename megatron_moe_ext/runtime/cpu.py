@@ -86,7 +86,9 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import threading
+import warnings
 from typing import Any
 
 import torch
@@ -96,7 +98,7 @@ from torch.overrides import TorchFunctionMode
 from megatron_moe_ext._compat import check_megatron_core_version
 from megatron_moe_ext.integration.installer import install
 
-__all__ = ["enable_cpu_runtime", "cpu_runtime_enabled", "init_gloo_from_env"]
+__all__ = ["enable_cpu_runtime", "cpu_runtime_enabled", "filter_harmless_cpu_messages", "init_gloo_from_env"]
 
 _LOCK = threading.Lock()
 _ENABLED = False
@@ -248,6 +250,67 @@ def _filter_rng_warning() -> None:
     logging.getLogger(mp_random.__name__).addFilter(_RngWarningFilter())
 
 
+# Known-harmless third-party messages on a CPU host, silenced by exact message and origin (never globally):
+# (kind, origin, message regex, why it is harmless here). kind "warning": a warnings.warn whose module matches
+# ``origin`` (a regex); kind "log": a record of the logger named ``origin``.
+HARMLESS_CPU_MESSAGES: tuple[tuple[str, str, str, str], ...] = (
+    ("warning", r"megatron\.", r"Transformer Engine and Apex are not installed\. Falling back to",
+     "CPU has neither: the torch optimizers and local multi-tensor helpers are the CPU implementations"),
+    ("warning", r"megatron\.", r"Apex is not installed\. Falling back to Torch Norm",
+     "torch norms are the CPU norms (ours add sequence parallelism: layers/norms.py)"),
+    ("warning", r"megatron\.core\.extensions\.transformer_engine_spec_provider",
+     r"Only transformer-engine>=1\.7\.0 supports MoE experts, but your version is 0\.0\.0",
+     "no TE on CPU: the local expert implementation is the intended one"),
+    ("warning", r"megatron\.core\.hyper_comm_grid", r"absl\.logging is not installed",
+     "Megatron then logs through the standard logging module, which is what we configure"),
+    ("warning", r"megatron\.core\.models\.mimo", r"MimoModelConfig is experimental",
+     "imported by megatron.core.optimizer for multimodal models; never used by a GPT run"),
+    ("warning", r"torch\.utils\.data\.dataloader", r"'pin_memory' argument is set as true but no accelerator",
+     "Megatron always asks for pinned memory; without an accelerator there is nothing to pin"),
+    ("warning", r"torch\.distributed", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+     r"deprecated", "Megatron's DDP/optimizer call sites; the calls work in the torch versions we support"),
+    ("warning", r"(megatron\.core\.optimizer\.optimizer|megatron_moe_ext\.runtime\.cpu)",
+     r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+     "DistributedOptimizer.zero_grad reads .grad of fp32 shard main params, which are views (Megatron's own "
+     "comment: 'throws grad-access warning'); reported at our device mode, which forwards the access"),
+    ("warning", r"megatron\.core\._rank_utils",
+     r"Could not determine rank from torch\.distributed, RANK, or SLURM_PROCID\. Defaulting to rank 0",
+     "raised in the launcher, which runs Megatron's argument checks before any rank exists (it is rank 0 for "
+     "printing); every rank has RANK, set by torchrun or start_local_ranks"),
+    ("log", "torch.utils.cpp_extension", r"No CUDA runtime is found",
+     "torch's extension builder probes CUDA at import; we build no CUDA extension on CPU"),
+    ("log", "megatron.core.models.gpt.gpt_model", r"GPTModel IS DEPRECATED",
+     "GPTModel is megatron-core 0.19's GPT model and what megatron.training builds; the notice is about the future"),
+    ("log", "megatron.core.rerun_state_machine", r"Setting RerunStateMachine mode RerunMode\.",
+     "Megatron switches result validation off and on around every evaluation and logs each switch as a warning"),
+    ("log", "megatron.core.dist_checkpointing.strategies.torch", r"MCore's async save is deprecated",
+     "logged whenever the torch_dist save strategy is built, async save or not"),
+)
+
+
+class _MessageFilter(logging.Filter):
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self._pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self._pattern.search(record.getMessage()) is None
+
+
+_FILTERED: set[tuple[str, str]] = set()
+
+
+def filter_harmless_cpu_messages() -> None:
+    """Silence ``HARMLESS_CPU_MESSAGES`` in this process (idempotent). Called by ``enable_cpu_runtime`` and, before
+    Megatron is imported, by the ``megatron-moe-ext`` command on a host without CUDA."""
+    for kind, origin, pattern, _why in HARMLESS_CPU_MESSAGES:
+        if kind == "warning":  # warnings.filterwarnings replaces an equal filter: no duplicates
+            warnings.filterwarnings("ignore", message=pattern, module=origin)
+        elif (origin, pattern) not in _FILTERED:
+            _FILTERED.add((origin, pattern))
+            logging.getLogger(origin).addFilter(_MessageFilter(pattern))
+
+
 def _tune_allocator() -> bool:
     """Keep freed large buffers in glibc's heap (docstring item 11); False where not applied."""
     if os.environ.get("MEGATRON_MOE_EXT_KEEP_MALLOC") == "1":
@@ -289,6 +352,7 @@ def enable_cpu_runtime(*, allow_with_cuda: bool = False) -> None:
         # Megatron's own call sites: the `cpu` rows of the integration table (integration/table.py).
         install(("cpu",))
         _filter_rng_warning()
+        filter_harmless_cpu_messages()
         _patch_autograd_backward()
         _MODE = _CpuDeviceMode()
         # Entered for the life of the process: the device literals sit deep in Megatron's calls.

@@ -4,9 +4,10 @@ torchrun starts every rank as a fresh interpreter, and each one imports torch an
 about 10 s of CPU per rank on our 2-core machines, before any work. On CPU, where all ranks are local and
 gloo is the backend, the launcher has already imported megatron (to validate the flags), so ranks forked
 from it start with those modules in memory. Each child gets the environment torchrun would give it
-(``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), and
-``torch.multiprocessing`` joins them: if one rank fails the others are terminated and the launcher returns
-non-zero with the failing rank's traceback, as torchrun does.
+(``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``). If one
+rank fails, the run's whole process group is stopped (the other ranks, their checkpoint workers and resource
+trackers: ``runtime/run_group.py``) and the launcher returns non-zero with the failing rank's traceback, as
+torchrun does.
 
 Why fork is safe here: the launcher has only imported modules and parsed flags. It must not have run a
 multi-threaded torch op before forking: a child that enters an OpenMP region its parent already used
@@ -21,6 +22,9 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from multiprocessing import process as mp_process
+
+from megatron_moe_ext.runtime.run_group import RunGroup, StopSignals
 
 __all__ = ["free_port", "rank_environment", "start_local_ranks"]
 
@@ -58,7 +62,9 @@ def rank_environment(rank: int, world_size: int, port: int) -> dict[str, str]:
 
 
 def _rank(rank: int, world_size: int, port: int, threads: int, entry: Callable[[list[str]], object],
-          argv: list[str]) -> None:
+          argv: list[str], group: RunGroup, stop: StopSignals) -> None:
+    stop.restore()
+    group.join_in_child()
     os.environ.update(rank_environment(rank, world_size, port))
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
@@ -70,9 +76,10 @@ def _rank(rank: int, world_size: int, port: int, threads: int, entry: Callable[[
 def start_local_ranks(entry: Callable[[list[str]], object], argv: Sequence[str], nproc: int,
                       threads_per_rank: int | None = None, preload: Sequence[str] = ()) -> int:
     """Run ``entry(argv)`` on ``nproc`` forked local ranks; return 0, or the failing rank's exit code (1 for
-    an exception, whose traceback goes to stderr). ``entry`` must be a module-level function; ``preload``
-    names the modules it imports, imported here once so every rank starts with them (imports only: no
-    tensor work happens before the fork)."""
+    an exception, whose traceback goes to stderr; 128 + N when signal N stopped this process). ``entry`` must
+    be a module-level function; ``preload`` names the modules it imports, imported here once so every rank
+    starts with them (imports only: no tensor work happens before the fork). Whatever ends the run (a rank's
+    failure, SIGINT/SIGTERM here, this process dying) ends all of its processes (runtime/run_group.py)."""
     if nproc < 1:
         raise ValueError(f"nproc={nproc} must be >= 1")
     import importlib
@@ -93,13 +100,55 @@ def start_local_ranks(entry: Callable[[list[str]], object], argv: Sequence[str],
     # Buffered output would otherwise be written once by the launcher and once more by every child.
     sys.stdout.flush()
     sys.stderr.flush()
-    try:
-        mp.start_processes(_rank, args=(nproc, free_port(), threads, entry, list(argv)), nprocs=nproc,
-                           join=True, start_method="fork")
-    except mp.ProcessRaisedException as err:
-        print(f"rank {err.error_index} failed:\n{err}", file=sys.stderr)
+    # The ranks and all they start (checkpoint workers, resource trackers) form one process group that ends as a
+    # whole: when a rank fails, when this process is signalled, and when it dies (runtime/run_group.py).
+    with StopSignals() as stop, RunGroup(grace_s=_GRACE_S) as group:
+        context = mp.start_processes(_rank, args=(nproc, free_port(), threads, entry, list(argv), group, stop),
+                                     nprocs=nproc, join=False, start_method="fork")
+        for process in context.processes:
+            group.adopt(process.pid)
+        failed = _wait_for_ranks(context.processes, stop)
+        signalled = stop.report(f"{nproc} local rank(s)") if stop.signum is not None else None
+        if failed is not None or signalled is not None:
+            group.stop()
+        for process in context.processes:  # after stop(): bounded by the grace period
+            process.join(_GRACE_S + 5.0)
+    if signalled is not None:
+        return signalled
+    return 0 if failed is None else _report_failure(failed, context.processes[failed], context.error_files[failed])
+
+
+_GRACE_S = 5.0  # after SIGTERM, before SIGKILL: ranks stopped by us hold nothing worth waiting longer for
+
+
+def _wait_for_ranks(processes: Sequence[mp_process.BaseProcess], stop: StopSignals) -> int | None:
+    """Wait until every rank ended (None), one failed (its index), or a stop signal came (None)."""
+    from multiprocessing.connection import wait
+
+    while stop.signum is None:
+        running = [p for p in processes if p.exitcode is None]
+        failed = [i for i, p in enumerate(processes) if p.exitcode not in (None, 0)]
+        if failed:
+            return failed[0]
+        if not running:
+            return None
+        wait([p.sentinel for p in running], timeout=0.5)
+    return None
+
+
+def _report_failure(index: int, process: mp_process.BaseProcess, error_file: str) -> int:
+    """One line naming the failed rank and why (with its traceback, if it raised); return its exit code."""
+    import pickle
+    import signal
+
+    if os.access(error_file, os.R_OK):  # torch's wrapper pickled the traceback there
+        with open(error_file, "rb") as fh:
+            print(f"rank {index} failed:\n{pickle.load(fh)}", file=sys.stderr)
         return 1
-    except mp.ProcessExitedException as err:
-        print(f"rank {err.error_index} exited with code {err.exit_code}", file=sys.stderr)
-        return err.exit_code if err.exit_code and err.exit_code > 0 else 1
-    return 0
+    code = process.exitcode
+    if code is not None and code < 0:
+        print(f"rank {index} (pid {process.pid}) was killed by {signal.Signals(-code).name}; stopped the other "
+              "ranks and their workers", file=sys.stderr)
+        return 1
+    print(f"rank {index} (pid {process.pid}) exited with code {code}", file=sys.stderr)
+    return code or 1

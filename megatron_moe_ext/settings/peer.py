@@ -55,6 +55,14 @@ def peer_layout(num_experts: int, *, heads: int, topk: int, key_dim: int, subkey
         raise ValueError(f"moe_peer_heads={heads} must be >= 1; fix: e.g. 8 (the paper's)")
     if not 1 <= topk <= num_experts:
         raise ValueError(f"moe_peer_topk={topk} must be in [1, {num_experts}] (experts per head and token); fix: e.g. 16")
+    if topk > n:
+        # Each side of the grid takes its top-k of n sub-keys first (torch.topk(k <= n)), so k > n fails at the
+        # first forward pass: refuse it here, with both ways out.
+        raise ValueError(
+            f"moe_peer_topk={topk} exceeds the {n} sub-keys per side of the {n}x{n} grid of "
+            f"moe_peer_num_experts={num_experts} (each side keeps its top-k sub-keys first); fix: "
+            f"--moe-peer-num-experts {topk * topk} ({topk}x{topk}) or more, or --moe-peer-topk {n} or less"
+        )
     if key_dim < 2 or key_dim % 2:
         raise ValueError(
             f"moe_peer_key_dim={key_dim} must be even and >= 2 (half scores the row sub-keys, half the column ones); "

@@ -192,6 +192,22 @@ def build_default_dataset(cache_dir: str | os.PathLike, max_bytes: int = 4_000_0
     return _cached(prefix, files)
 
 
+# Bytes read to tell text from binary data; NUL never occurs in text (UTF-8 or otherwise) but is common in binaries.
+_SNIFF_BYTES = 1 << 16
+
+
+def _check_text(path: pathlib.Path) -> None:
+    """Refuse a file that is binary (a NUL byte in its first 64 KiB), e.g. a checkpoint or an archive."""
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        raise ValueError(
+            f"data path {os.fspath(path)} looks binary (a NUL byte at offset {nul}), not text; fix: pass a text file, "
+            "or a tokenised dataset's prefix (PREFIX for PREFIX.bin/PREFIX.idx)"
+        )
+
+
 def build_text_dataset(paths: Sequence[str | os.PathLike], cache_dir: str | os.PathLike) -> str:
     """Build (or reuse) a dataset with one document per raw text file (bytes + EOD).
 
@@ -206,6 +222,7 @@ def build_text_dataset(paths: Sequence[str | os.PathLike], cache_dir: str | os.P
             raise ValueError(f"text file {raw} is missing or not a regular file; pass a file")
         st = path.stat()
         listing.append(f"{path.as_posix()}\t{st.st_size}\t{st.st_mtime_ns}")
+        _check_text(path)
         if st.st_size > 0:
             files.append(path)
     if not files:
@@ -260,6 +277,16 @@ def check_dataset_prefix(prefix: str | os.PathLike) -> None:
             f"dataset prefix {prefix}: {bin_path} is {bin_size} bytes but the index describes "
             f"{expected_bin}; the files are truncated or from different builds, rebuild them"
         )
+
+
+def sequence_lengths(prefix: str | os.PathLike) -> numpy.ndarray:
+    """Token count of each sequence of a checked dataset (``check_dataset_prefix``), read from the .idx alone:
+    after the 34-byte header come ``n_seq`` int32 lengths (Megatron's ``_IndexReader``)."""
+    idx_path = os.fspath(prefix) + ".idx"
+    with open(idx_path, "rb") as f:
+        head = f.read(34)
+        (n_seq,) = struct.unpack("<Q", head[18:26])
+        return numpy.fromfile(f, dtype=numpy.int32, count=n_seq)
 
 
 def _is_number(entry: str) -> bool:

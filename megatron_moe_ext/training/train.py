@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ import torch
 
 from megatron_moe_ext.runtime.rank import CPU_ARGS
 from megatron_moe_ext.training import data as data_lib
+from megatron_moe_ext.training.preflight import ALLOW_FRESH_START_FLAG
 from megatron_moe_ext.training.rank_entry import add_train_args
 
 # The embedded default model: small enough for 2 CPU cores, big enough that the loss visibly falls.
@@ -35,6 +35,7 @@ DEFAULT_MODEL_ARGS: tuple[str, ...] = (
     "--num-layers", "2",
     "--hidden-size", "64",
     "--ffn-hidden-size", "256",
+    "--moe-ffn-hidden-size", "256",  # = the FFN size (Megatron's fallback), stated so it does not warn
     "--num-attention-heads", "4",
     "--seq-length", "128",
     "--max-position-embeddings", "128",
@@ -58,7 +59,7 @@ DEFAULT_MODEL_ARGS: tuple[str, ...] = (
     "--lr", "5e-3",
     "--min-lr", "5e-4",
     "--lr-decay-style", "cosine",
-    "--lr-warmup-iters", "10",
+    "--lr-warmup-iters", "10",  # fit to short runs by _fit_default_warmup
     "--weight-decay", "0.01",
     "--clip-grad", "1.0",
     "--use-distributed-optimizer",
@@ -84,14 +85,22 @@ def default_cache_dir() -> str:
 
 
 def _launcher_parser() -> argparse.ArgumentParser:
+    from megatron_moe_ext.integration.flag_help import FeatureHelpAction
+
     parser = argparse.ArgumentParser(
         prog="megatron-moe-ext train",
         description="Megatron pretraining with megatron-moe-ext. Every Megatron flag is accepted unchanged.",
         allow_abbrev=False,
+        add_help=False,
     )
+    parser.add_argument("-h", "--help", action=FeatureHelpAction)
     parser.add_argument("--nproc", type=int, default=None, help="ranks to start on this machine (CPU default 2; GPU: one per GPU)")
     parser.add_argument("--cache-dir", default=None, help="dataset cache (default $MEGATRON_MOE_EXT_CACHE or ~/.cache/megatron_moe_ext)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the rank command, start nothing")
+    parser.add_argument(
+        ALLOW_FRESH_START_FLAG, action="store_true",
+        help="let a --load directory without a checkpoint start from scratch (Megatron's behaviour), not an error",
+    )
     return parser
 
 
@@ -188,6 +197,27 @@ def _without(argv: Sequence[str], names: set[str]) -> list[str]:
     return out
 
 
+_WARMUP_FLAGS = {"--lr-warmup-iters", "--lr-warmup-fraction", "--lr-warmup-samples"}
+
+
+def _fit_default_warmup(defaults: list[str], user_argv: Sequence[str]) -> list[str]:
+    """The embedded default's 10 warm-up iterations, shortened to ``decay - 1`` for a shorter run.
+
+    Megatron's scheduler asserts warm-up < decay iterations (``--lr-decay-iters``, else ``--train-iters``), so
+    ``train --train-iters 5`` would die in the ranks; a warm-up the user set is left alone (and checked by
+    ``preflight.check_lr_schedule``)."""
+    if any(a.split("=", 1)[0] in _WARMUP_FLAGS for a in user_argv):
+        return defaults
+    decay = _flag(user_argv, "--lr-decay-iters") or _flag(user_argv, "--train-iters")
+    try:
+        decay_iters = int(decay) if decay is not None else None
+    except ValueError:
+        return defaults  # Megatron's parser names the bad value
+    if decay_iters is None or decay_iters > 10:
+        return defaults
+    return [*_without(defaults, {"--lr-warmup-iters"}), "--lr-warmup-iters", str(max(0, decay_iters - 1))]
+
+
 def prepare_argv(user_argv: Sequence[str], *, cache_dir: str, cpu: bool) -> list[str]:
     """The full Megatron argv the ranks run: CPU flags, the embedded default if no data was
     given, then the user's flags (last wins, so the user overrides any default)."""
@@ -201,7 +231,7 @@ def prepare_argv(user_argv: Sequence[str], *, cache_dir: str, cpu: bool) -> list
         defaults = list(DEFAULT_MODEL_ARGS)
         if any(a.split("=", 1)[0] in _GRANULARITY_FLAGS for a in user_argv):
             defaults = _without(defaults, _SIZING_FLAGS)
-        argv += defaults
+        argv += _fit_default_warmup(defaults, user_argv)
         argv += ["--data-path", prefix, "--data-cache-path", os.path.join(cache_dir, "index")]
         if _flag(user_argv, "--save") is None:
             argv += ["--save", DEFAULT_SAVE_DIR]
@@ -246,14 +276,24 @@ def start_ranks(
     if nproc < 1:
         parser.error(f"--nproc {nproc} must be >= 1")
     cache_dir = ours.cache_dir or default_cache_dir()
+    # Ours, not Megatron's: `launch`'s parser passes it through, so it is taken out here for both entries.
+    allow_fresh_start = bool(getattr(ours, "ext_allow_fresh_start", False)) or ALLOW_FRESH_START_FLAG in megatron_argv
+    megatron_argv = [a for a in megatron_argv if a != ALLOW_FRESH_START_FLAG]
     try:
         full_argv = prepare_argv(megatron_argv, cache_dir=cache_dir, cpu=cpu)
         validate_layout(full_argv, nproc)
         # Megatron's parser plus our flags and derivation: unknown or contradictory flags fail
         # here, once, before any process group exists.
         from megatron_moe_ext.args import parse_megatron_args
+        from megatron_moe_ext.checkpoint.torch_dist import check_load_checkpoint
+        from megatron_moe_ext.training.preflight import preflight
 
-        parse_megatron_args(full_argv, extra_args_provider=extra_args_provider, validate=False)
+        parsed = parse_megatron_args(full_argv, extra_args_provider=extra_args_provider, validate=False)
+        # What the ranks would reject (Megatron's validate_args, the LR schedule, empty data splits, a --load
+        # without a checkpoint), rejected here: the same for a real start and --dry-run.
+        for note in preflight(parsed, nproc=nproc, cpu=cpu, allow_fresh_start=allow_fresh_start):
+            print(f"{parser.prog}: warning: {note}", file=sys.stderr)
+        check_load_checkpoint(parsed)  # --load: every file whole, the same architecture (checkpoint/torch_dist.py)
         save = _flag(full_argv, "--save")
         if save is not None:
             check_save_dir(save)
@@ -272,7 +312,11 @@ def start_ranks(
         return start_local_ranks(entry, [*entry_prefix, *full_argv], nproc, preload=RANK_MODULES)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(rank_cmd, env=env)
+    # torchrun in the run's own process group: SIGINT/SIGTERM here stop it (and it its workers), and a dead
+    # launcher takes it down (runtime/run_group.py).
+    from megatron_moe_ext.runtime.run_group import run_command
+
+    return run_command(rank_cmd, env=env)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

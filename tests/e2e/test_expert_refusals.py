@@ -36,7 +36,7 @@ def test_train_refuses_what_our_experts_cannot_honour(tmp_path, case: str) -> No
 BIASED_MODEL = ["--mock-data", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "256",
                 "--num-attention-heads", "4", "--seq-length", "32", "--max-position-embeddings", "32",
                 "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--moe-granularity", "2",
-                "--moe-expansion-rate", "2"]
+                "--moe-expansion-rate", "2", "--micro-batch-size", "1", "--train-iters", "5", "--lr", "1e-3"]
 
 
 def test_train_accepts_expert_biases(tmp_path) -> None:
@@ -46,7 +46,8 @@ def test_train_accepts_expert_biases(tmp_path) -> None:
 
 def test_train_accepts_upcycling_with_expert_biases(tmp_path) -> None:
     """Upcycling converts the dense biases too (``integration/upcycling.py``): no refusal."""
-    code, err = run_launcher(tmp_path, *BIASED_MODEL, "--moe-use-upcycling", "--dry-run")
+    code, err = run_launcher(tmp_path, *BIASED_MODEL, "--moe-use-upcycling", "--save", "upcycled",
+                             "--save-interval", "5", "--dry-run")
     assert code == 0, err[-3000:]
 
 

@@ -159,13 +159,12 @@ def test_bad_input_is_a_usage_error_before_any_rank_starts(tmp, args, message, m
     # In-process (one Megatron import for all cases): main() must exit 2 before it builds the rank
     # command, so no process is ever started.
     from megatron_moe_ext import launch as launch_lib
-    from megatron_moe_ext.runtime import local_ranks
-    from megatron_moe_ext.training import train as train_lib
+    from megatron_moe_ext.runtime import local_ranks, run_group
 
     monkeypatch.chdir(tmp)
     monkeypatch.setenv("MEGATRON_MOE_EXT_CACHE", shared_cache())
     started = []
-    monkeypatch.setattr(train_lib.subprocess, "call", lambda *a, **k: started.append(a) or 0)
+    monkeypatch.setattr(run_group, "run_command", lambda *a, **k: started.append(a) or 0)
     monkeypatch.setattr(local_ranks, "start_local_ranks", lambda *a, **k: started.append(a) or 0)
     with pytest.raises(SystemExit) as exit_info:
         launch_lib.main(list(args))

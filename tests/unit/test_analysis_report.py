@@ -315,6 +315,16 @@ def test_failure_mid_report_leaves_nothing(summary_a, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_interrupted_report_leaves_nothing(summary_a, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C mid-report
+
+    monkeypatch.setattr(plots, "plot_expert_load", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_report({"fine": summary_a}, tmp_path / "report")
+    assert os.listdir(tmp_path) == []
+
+
 def test_missing_matplotlib_says_how_to_install(summary_a, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import of it raises ImportError
     with pytest.raises(ImportError, match=re.escape("pip install 'megatron-moe-ext[plots]'")):
