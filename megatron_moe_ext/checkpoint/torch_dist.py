@@ -294,3 +294,46 @@ def check_load_checkpoint(run: argparse.Namespace) -> None:
         raise ValueError(f"--load {load!r} holds a checkpoint of a different architecture ({iter_dir}): {listed}; "
                          f"fix: pass the checkpoint's values, or --use-checkpoint-args, or --load a checkpoint of "
                          f"this model (--finetune does not change shapes)")
+    # A release checkpoint (e.g. import-hf's) loads no optimizer or scheduler state: nothing to compare.
+    schedule = [] if os.path.basename(iter_dir) == "release" else schedule_differences(saved, run)
+    if schedule:
+        listed = "; ".join(f"{what}: {a} in the checkpoint, {b} in this run" for what, a, b in schedule)
+        raise ValueError(f"--load {load!r}: the checkpoint's learning-rate schedule differs from this run's ({listed}), "
+                         f"which Megatron's OptimizerParamScheduler refuses when it loads the checkpoint; fix: "
+                         f"--override-opt_param-scheduler (this run's schedule from here on) or "
+                         f"--use-checkpoint-opt_param-scheduler (keep the checkpoint's)")
+
+
+def schedule_differences(saved: argparse.Namespace, run: argparse.Namespace) -> list[tuple[str, object, object]]:
+    """(what, checkpoint value, run value) where the run's LR/weight-decay schedule differs from the one saved, in
+    the terms Megatron's ``OptimizerParamScheduler.load_state_dict`` compares (pure; iteration-based runs only:
+    decay over ``--lr-decay-iters`` or ``--train-iters``, warm-up iterations or fraction, the global batch that turns
+    iterations into samples). Empty when the run overrides or keeps the checkpoint's schedule, skips the optimizer
+    (--no-load-optim, --finetune), or a value is unknown on either side."""
+    if (run.override_opt_param_scheduler or run.use_checkpoint_opt_param_scheduler or run.no_load_optim
+            or run.finetune or run.train_iters is None or getattr(saved, "train_iters", None) is None):
+        return []
+
+    def decay(a):
+        return a.lr_decay_iters or a.train_iters
+
+    def warmup(a):
+        return f"{a.lr_warmup_fraction} of decay" if a.lr_warmup_fraction is not None else a.lr_warmup_iters
+
+    def weight_decay(a, which):
+        value = getattr(a, f"{which}_weight_decay", None)
+        return a.weight_decay if value is None else value
+
+    checks = [
+        ("learning rate (--lr)", saved.lr, run.lr),
+        ("minimum learning rate (--min-lr)", saved.min_lr, run.min_lr),
+        ("warm-up (--lr-warmup-iters/--lr-warmup-fraction)", warmup(saved), warmup(run)),
+        ("decay iterations (--lr-decay-iters, else --train-iters)", decay(saved), decay(run)),
+        ("decay style (--lr-decay-style)", saved.lr_decay_style, run.lr_decay_style),
+        ("start weight decay", weight_decay(saved, "start"), weight_decay(run, "start")),
+        ("end weight decay", weight_decay(saved, "end"), weight_decay(run, "end")),
+        ("weight-decay increment style", saved.weight_decay_incr_style, run.weight_decay_incr_style),
+    ]
+    if run.global_batch_size is not None:  # iterations become samples through the global batch
+        checks.append(("global batch size (--global-batch-size)", saved.global_batch_size, run.global_batch_size))
+    return [(what, a, b) for what, a, b in checks if a is not None and b is not None and a != b]

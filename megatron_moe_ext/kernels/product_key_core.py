@@ -80,9 +80,12 @@ def _validate(q_THD: Tensor, rows: Tensor, cols: Tensor, k: int, subkey_topk: in
     if not 1 <= k <= n1 * n2:
         raise ValueError(f"k={k} must be in [1, N] with N = n1*n2 = {n1}*{n2} = {n1 * n2}; fix: choose 1 <= k <= {n1 * n2}")
     kp = k if subkey_topk is None else subkey_topk
-    if kp < k:
-        raise ValueError(f"subkey_topk={kp} < k={k}: the product-key top-k is exact only if each side keeps "
-                         f">= min(k, n) sub-keys; fix: subkey_topk >= {k}, or None (= k)")
+    # Exact iff each side keeps min(k, n_side) sub-keys: a pair in the top-k ranks within the top k of its row
+    # and of its column, and within its side's n. So k > n works with every sub-key of a side kept.
+    need = min(k, max(n1, n2))
+    if kp < need:
+        raise ValueError(f"subkey_topk={kp} < {need} = min(k={k}, n={max(n1, n2)}): the product-key top-k is exact "
+                         f"only if each side keeps >= min(k, n) sub-keys; fix: subkey_topk >= {need}, or None (= k)")
     if kp > k and kp > max(n1, n2):
         raise ValueError(f"subkey_topk={kp} exceeds the sub-keys per side (n1={n1}, n2={n2}); fix: subkey_topk "
                          f"<= {max(k, n1, n2)} (each side keeps min(subkey_topk, n) sub-keys), or None (= k)")

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable, Sequence
 from multiprocessing import process as mp_process
 
+from megatron_moe_ext.runtime.rank_output import PrefixedOutput
 from megatron_moe_ext.runtime.run_group import RunGroup, StopSignals
 
 __all__ = ["free_port", "rank_environment", "start_local_ranks"]
@@ -67,10 +68,16 @@ def _rank(rank: int, world_size: int, port: int, threads: int, entry: Callable[[
     group.join_in_child()
     os.environ.update(rank_environment(rank, world_size, port))
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    import torch
+    # Several ranks share this terminal: whole lines, each prefixed with its rank (runtime/rank_output.py).
+    output = PrefixedOutput(rank).start() if world_size > 1 else None
+    try:
+        import torch
 
-    torch.set_num_threads(threads)
-    entry(argv)
+        torch.set_num_threads(threads)
+        entry(argv)
+    finally:
+        if output is not None:
+            output.close()
 
 
 def start_local_ranks(entry: Callable[[list[str]], object], argv: Sequence[str], nproc: int,

@@ -55,24 +55,18 @@ def peer_layout(num_experts: int, *, heads: int, topk: int, key_dim: int, subkey
         raise ValueError(f"moe_peer_heads={heads} must be >= 1; fix: e.g. 8 (the paper's)")
     if not 1 <= topk <= num_experts:
         raise ValueError(f"moe_peer_topk={topk} must be in [1, {num_experts}] (experts per head and token); fix: e.g. 16")
-    if topk > n:
-        # Each side of the grid takes its top-k of n sub-keys first (torch.topk(k <= n)), so k > n fails at the
-        # first forward pass: refuse it here, with both ways out.
-        raise ValueError(
-            f"moe_peer_topk={topk} exceeds the {n} sub-keys per side of the {n}x{n} grid of "
-            f"moe_peer_num_experts={num_experts} (each side keeps its top-k sub-keys first); fix: "
-            f"--moe-peer-num-experts {topk * topk} ({topk}x{topk}) or more, or --moe-peer-topk {n} or less"
-        )
     if key_dim < 2 or key_dim % 2:
         raise ValueError(
             f"moe_peer_key_dim={key_dim} must be even and >= 2 (half scores the row sub-keys, half the column ones); "
             f"fix: use {max(2, key_dim + key_dim % 2)}"
         )
     kp = topk if subkey_topk is None else subkey_topk
-    if kp < topk:
+    # Exact iff each side keeps min(k, n) sub-keys (a top-k pair ranks within the top k of its row and column, and
+    # within n): a top-k above the grid side works, with every sub-key of a side kept.
+    if kp < min(topk, n):
         raise ValueError(
-            f"moe_peer_subkey_topk={kp} < moe_peer_topk={topk}: the product-key top-k is exact only if each side keeps "
-            f">= top-k sub-keys; fix: --moe-peer-subkey-topk {topk} or more, or leave it unset"
+            f"moe_peer_subkey_topk={kp} < min(moe_peer_topk={topk}, n={n}): the product-key top-k is exact only if each "
+            f"side keeps >= min(top-k, n) sub-keys; fix: --moe-peer-subkey-topk {min(topk, n)} or more, or leave it unset"
         )
     if kp > max(topk, n):
         raise ValueError(

@@ -250,6 +250,8 @@ def rank_command(nproc: int, argv: Sequence[str]) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--standalone", f"--nproc-per-node={nproc}",
+        # every rank's lines, prefixed with its rank, on the console (as local CPU ranks print them)
+        "--tee", "3", "--log-line-prefix-template", "[rank${rank}] ",
         "-m", "megatron_moe_ext.training.rank_entry", *argv,
     ]
 

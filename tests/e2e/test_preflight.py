@@ -48,10 +48,6 @@ REFUSALS = {
                                       "2 * context-parallel-size", "fix:"),
     "load_missing": (["--load", "no/such/dir"], "--load 'no/such/dir' does not exist",
                      "add --ext-allow-fresh-start to start from scratch"),
-    "peer_topk_over_grid": (["--moe-peer-num-experts", "16", "--moe-peer-topk", "8", "--moe-peer-heads", "1",
-                             "--moe-peer-layers", "2"],
-                            "moe_peer_topk=8 exceeds the 4 sub-keys per side of the 4x4 grid",
-                            "fix: --moe-peer-num-experts 64 (8x8) or more, or --moe-peer-topk 4 or less"),
 }
 
 

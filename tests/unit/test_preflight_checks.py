@@ -27,11 +27,25 @@ def test_split_document_counts_follow_megatron(documents: int, split: str, count
     assert split_document_counts(documents, split) == counts
 
 
-def test_peer_topk_over_one_side_of_the_grid_is_refused() -> None:
-    assert peer_layout(64, heads=1, topk=8, key_dim=8).grid == 8  # topk == n is fine
-    with pytest.raises(ValueError, match=r"moe_peer_topk=9 exceeds the 8 sub-keys per side.*--moe-peer-num-experts 81 "
-                                         r"\(9x9\) or more, or --moe-peer-topk 8 or less"):
-        peer_layout(64, heads=1, topk=9, key_dim=8)
+def test_peer_topk_over_one_side_of_the_grid_is_exact_with_every_subkey_kept() -> None:
+    """A top-k above the grid side n (here 8 of a 4x4 grid) keeps all n sub-keys per side: the candidates are the
+    whole grid, so the search is exact (it used to fail at the first forward pass: the kernel demanded k sub-keys
+    per side of the n there are)."""
+    import torch
+
+    from megatron_moe_ext.kernels.product_key_core import product_key_topk_reference
+    from megatron_moe_ext.kernels.product_keys import product_key_topk
+
+    layout = peer_layout(16, heads=1, topk=8, key_dim=8)
+    assert (layout.grid, layout.subkey_topk) == (4, 4)
+    torch.manual_seed(0)
+    q_THD, keys = torch.randn(5, 1, 8, dtype=torch.float64), torch.randn(2, 4, 4, dtype=torch.float64)
+    out = product_key_topk(q_THD, keys, 8, subkey_topk=layout.subkey_topk)
+    ref = product_key_topk_reference(q_THD, keys, 8, subkey_topk=layout.subkey_topk)
+    for got, want in zip(out, ref):  # scores and expert ids
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"moe_peer_subkey_topk=3 < min\(moe_peer_topk=8, n=4\).*fix: --moe-peer-subkey-topk 4"):
+        peer_layout(16, heads=1, topk=8, key_dim=8, subkey_topk=3)
 
 
 def test_sequence_lengths_read_from_the_index(tmp_path) -> None:
