@@ -310,8 +310,10 @@ def schedule_differences(saved: argparse.Namespace, run: argparse.Namespace) -> 
     decay over ``--lr-decay-iters`` or ``--train-iters``, warm-up iterations or fraction, the global batch that turns
     iterations into samples). Empty when the run overrides or keeps the checkpoint's schedule, skips the optimizer
     (--no-load-optim, --finetune), or a value is unknown on either side."""
+    if getattr(saved, "train_iters", None) is None:  # a checkpoint saved without an iteration-based schedule
+        return []
     if (run.override_opt_param_scheduler or run.use_checkpoint_opt_param_scheduler or run.no_load_optim
-            or run.finetune or run.train_iters is None or getattr(saved, "train_iters", None) is None):
+            or run.finetune or run.train_iters is None):
         return []
 
     def decay(a):

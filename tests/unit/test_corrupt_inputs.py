@@ -41,8 +41,10 @@ def _torch_dist_checkpoint(root, *, iteration: int = 5, **saved) -> str:
 
 
 def _run(load: str, **values) -> argparse.Namespace:
+    # What the check reads of Megatron's parsed args (which always have these fields).
     return argparse.Namespace(load=load, ckpt_step=None, use_checkpoint_args=False, moe_use_upcycling=False,
-                              **{**SAVED, **values})
+                              override_opt_param_scheduler=False, use_checkpoint_opt_param_scheduler=False,
+                              no_load_optim=False, finetune=False, train_iters=None, **{**SAVED, **values})
 
 
 def _shards(load: str) -> list[str]:
