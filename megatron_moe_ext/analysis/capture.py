@@ -54,11 +54,8 @@ def capture(plan: CapturePlan) -> dict | None:
     """Run the plan on this rank (torch.distributed initialised); returns the trace manifest on rank 0."""
     from megatron.core import parallel_state as ps
 
-    from megatron_moe_ext.analysis.checkpoint_model import (
-        analysis_args,
-        load_model,
-        read_checkpoint_args,
-    )
+    from megatron_moe_ext.analysis.checkpoint_model import analysis_args, read_checkpoint_args
+    from megatron_moe_ext.checkpoint.model import load_model
     from megatron_moe_ext.analysis.routing_recorder import RoutingRecorder
     from megatron_moe_ext.analysis.token_windows import TokenWindows
     from megatron_moe_ext.analysis.trace_format import LayerSpec, TraceWriter

@@ -8,7 +8,7 @@ TP/EP the checkpoint was saved with. Nothing of the optimizer is read.
 
 Two halves: the launcher half (:func:`resolve_iteration`, :func:`read_checkpoint_args`,
 :func:`routed_layers`) needs no process group and validates before any rank starts; the rank half
-(:func:`load_model`) runs inside an initialised process group.
+(``checkpoint.model.load_model``, with :func:`analysis_args`) runs inside an initialised process group.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import copy
 
 import torch
 
-from megatron_moe_ext.checkpoint.model import build_model, load_model  # noqa: F401 (re-exported)
 from megatron_moe_ext.checkpoint.torch_dist import read_args, resolve_iteration  # noqa: F401 (re-exported)
 from megatron_moe_ext.settings.peer import peer_layer_numbers
 

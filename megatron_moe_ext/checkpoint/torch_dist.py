@@ -65,16 +65,20 @@ def resolve_iteration(checkpoint: str, iteration: int | None = None) -> tuple[st
         found = sorted(d for d in os.listdir(checkpoint) if d.startswith("iter_") or d == "release")
         raise ValueError(f"iteration {iteration} is not in {checkpoint!r} (found: {', '.join(found) or 'none'}); "
                          f"fix: pass one of those with --iteration")
-    backend = None
-    try:
-        with open(os.path.join(iter_dir, "metadata.json")) as f:
-            backend = json.load(f).get("sharded_backend")
-    except (OSError, ValueError):
-        backend = None
+    backend = sharded_backend(iter_dir)
     if backend != "torch_dist":
         raise ValueError(f"{iter_dir} is not a torch_dist checkpoint (metadata.json sharded_backend={backend!r}); "
                          f"fix: train with --ckpt-format torch_dist (Megatron's default)")
     return iter_dir, (None if release else iteration)
+
+
+def sharded_backend(iter_dir: str) -> str | None:
+    """The checkpoint format Megatron recorded in ``iter_dir/metadata.json`` (None when unreadable or absent)."""
+    try:
+        with open(os.path.join(iter_dir, "metadata.json")) as f:
+            return json.load(f).get("sharded_backend")
+    except (OSError, ValueError):
+        return None
 
 
 @contextlib.contextmanager
@@ -273,12 +277,7 @@ def check_load_checkpoint(run: argparse.Namespace) -> None:
         found = sorted(d for d in os.listdir(load) if d.startswith("iter_") or d == "release")
         raise ValueError(f"--load {load!r}: {iter_dir} does not exist (found: {', '.join(found) or 'none'}); fix: "
                          f"point {TRACKER} or --ckpt-step at one of those")
-    try:
-        with open(os.path.join(iter_dir, "metadata.json")) as f:
-            backend = json.load(f).get("sharded_backend")
-    except (OSError, ValueError):
-        backend = None
-    if backend != "torch_dist":
+    if sharded_backend(iter_dir) != "torch_dist":
         return
     check_files(iter_dir)
     try:

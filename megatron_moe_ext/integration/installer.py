@@ -20,6 +20,7 @@ from megatron_moe_ext.integration.table import REPLACEMENTS, SEAMS, Replacement,
 
 MARK = "_megatron_moe_ext_row"
 _ORIGINALS: dict[str, Any] = {}
+_SEAMS_CHECKED: list[bool] = []  # [True] once install() has checked the seams in this process
 
 
 class IntegrationError(RuntimeError):
@@ -112,13 +113,17 @@ def _describe_megatron() -> str:
     return f"{package_info.__version__} from {core.__file__}"
 
 
+def _replacement(row: Replacement, current: Any) -> Any:
+    """The row's wrapper applied to ``current``: the replacement, or None when the wrapper declines."""
+    module_name, _, function = row.wrapper.partition(":")
+    return getattr(importlib.import_module(module_name), function)(current)
+
+
 def _apply(row: Replacement) -> bool:
     owner, attr, current = _resolve(row.target)
     if getattr(current, MARK, None) == row.name:
         return False
-    module_name, _, function = row.wrapper.partition(":")
-    factory = getattr(importlib.import_module(module_name), function)
-    replacement = factory(current)
+    replacement = _replacement(row, current)
     if replacement is None:  # the wrapper declined (e.g. telemetry without NVML)
         return False
     try:
@@ -132,10 +137,12 @@ def _apply(row: Replacement) -> bool:
 
 def install(groups: Iterable[str], *, only: Iterable[str] | None = None) -> list[str]:
     """Check, then apply the rows of ``groups`` (or just the rows named in ``only``); returns the names applied now."""
-    groups = tuple(groups)
-    selected = [r for r in rows(groups) if only is None or r.name in set(only)]
-    _raise_problems(check(groups, seams=True) if only is None else
-                    [p for p in check(groups, seams=False) if any(f"{r.name!r}" in p for r in selected)])
+    selected = [r for r in rows(tuple(groups)) if only is None or r.name in set(only)]
+    # The seams once per process (every entry installs twice: the CPU runtime's group, then the rank's).
+    seams = only is None and not _SEAMS_CHECKED
+    _raise_problems(check(table=selected, seams=seams))
+    if seams:
+        _SEAMS_CHECKED.append(True)
     return [row.name for row in selected if _apply(row)]
 
 
@@ -167,8 +174,7 @@ def temporarily(names: Iterable[str]) -> Iterator[None]:
             if getattr(current, MARK, None) == row.name:
                 continue
             restore.append((owner, attr, current))
-            module_name, _, function = row.wrapper.partition(":")
-            replacement = getattr(importlib.import_module(module_name), function)(current)
+            replacement = _replacement(row, current)
             if replacement is not None:
                 setattr(owner, attr, replacement)
         yield

@@ -14,7 +14,6 @@ from typing import Any
 
 from megatron_moe_ext.settings.balancing import BalanceSettings, balance_settings
 from megatron_moe_ext.settings.experts import ExpertSettings, expert_settings
-from megatron_moe_ext.settings.experts import ExpertSettings, expert_settings
 from megatron_moe_ext.settings.granularity import GranularitySettings, granularity_settings
 from megatron_moe_ext.settings.peer import PEERSettings, peer_settings
 from megatron_moe_ext.settings.router import RouterSettings, router_settings

@@ -74,7 +74,8 @@ def checkpoint_logits(checkpoint: str, tokens_BS: torch.Tensor, *, tp: int = 1, 
     (rank 0; None elsewhere)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_moe_ext.analysis.checkpoint_model import analysis_args, load_model
+    from megatron_moe_ext.analysis.checkpoint_model import analysis_args
+    from megatron_moe_ext.checkpoint.model import load_model
     from megatron_moe_ext.checkpoint.torch_dist import read_args, resolve_iteration
     from megatron_moe_ext.testing.random_checkpoint import megatron_logits
 
