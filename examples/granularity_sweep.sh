@@ -11,6 +11,9 @@
 # packages, one label each) and writes $OUT/compare/report.md: load balance, path diversity,
 # specialisation by package, and the linear CKA of every pair of models' hidden states layer by layer.
 # Compare the lm loss columns of the logs too (or `megatron-moe-ext flops` for the cost of each).
+# This is a fixed, hand-written comparison of three models. For a compute-matched grid (budgets x model sizes x
+# G x seeds, dense baselines of equal compute and of equal parameters), resumable runs and one results table, use
+# `megatron-moe-ext sweep plan | run | collect` (docs/sweeps.md).
 #
 #   bash examples/granularity_sweep.sh          # 300 iterations each
 #   TINY=1 bash examples/granularity_sweep.sh   # 3 iterations each, a small comparison (tests/e2e/test_analysis.py)

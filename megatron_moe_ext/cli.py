@@ -42,6 +42,24 @@ def _export_hf(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _sweep(argv: Sequence[str]) -> int:
+    from megatron_moe_ext.scaling.sweep_cli import main
+
+    return main(argv)
+
+
+def _fit(argv: Sequence[str]) -> int:
+    from megatron_moe_ext.scaling.fit_cli import main
+
+    return main(argv)
+
+
+def _plan(argv: Sequence[str]) -> int:
+    from megatron_moe_ext.scaling.plan_cli import main
+
+    return main(argv)
+
+
 def _import_hf(argv: Sequence[str]) -> int:
     from megatron_moe_ext.checkpoint.hf_import import main
 
@@ -58,6 +76,9 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "export-hf": (_export_hf, "torch_dist checkpoint -> Hugging Face folder (native target if exact, else remote code)"),
     "import-hf": (_import_hf, "Hugging Face folder (an export-hf target) -> torch_dist checkpoint train can --load"),
     "flops": (_flops, "parameters and FLOPs per token (total/active, router term) for Megatron model flags [--json]"),
+    "sweep": (_sweep, "granularity scaling sweep: plan a compute-matched grid, run it (resumable), collect results"),
+    "fit": (_fit, "fit a fine-grained MoE scaling law (Krajewski et al. 2024, joint law) to a results table"),
+    "plan": (_plan, "compute-optimal model size, tokens, granularity (and experts under a memory bound) for a budget"),
 }
 
 

@@ -21,7 +21,13 @@ from megatron_moe_ext.layers.query_norm import QUERY_NORMS
 from megatron_moe_ext.settings import MoEExtSettings, build_settings
 from megatron_moe_ext.settings.access import register_field_defaults
 from megatron_moe_ext.settings.balancing import BALANCE_LOSSES, COEFF_POLICIES
-from megatron_moe_ext.settings.experts import DEFAULT_EXPERT_BACKEND, EXPERT_BACKENDS
+from megatron_moe_ext.settings.experts import (
+    DEFAULT_EXPERT_BACKEND,
+    DEFAULT_MOE_FP8_RECIPE,
+    EXPERT_BACKENDS,
+    MOE_FP8_FORMATS,
+    MOE_FP8_RECIPES,
+)
 from megatron_moe_ext.settings.peer import (
     PEER_ACTIVATIONS,
     PEER_BACKENDS,
@@ -67,6 +73,22 @@ class MoEExtConfig(TransformerConfig):
     matmuls under autograd), 'eager' (reference loop over experts), 'megatron' (Megatron's own
     experts), or 'te' (Transformer Engine grouped GEMMs on the same stacked weights, FP8 under TE's
     autocast; needs TE and a GPU)."""
+
+    moe_fp8_format: str | None = dataclasses.field(
+        default=None, metadata={"argparse_meta": {"choices": MOE_FP8_FORMATS}}
+    )
+    """FP8 experts without Transformer Engine (docs/fp8.md): our FineGrainedExperts (any backend but
+    'te' and 'megatron') compute their GEMMs with FP8 operands through torch's scaled matmul, master
+    weights and the rest of the model in the parameter dtype. Formats as Megatron's --fp8-format:
+    'e4m3' (everywhere) or 'hybrid' (e4m3 forward, e5m2 gradients in backward). Unset: off. Expert
+    dimensions (hidden size, expert FFN size) must be multiples of 16."""
+
+    moe_fp8_recipe: str = dataclasses.field(
+        default=DEFAULT_MOE_FP8_RECIPE, metadata={"argparse_meta": {"choices": MOE_FP8_RECIPES}}
+    )
+    """Scaling of --moe-fp8-format, current scaling (no state across steps): 'tensorwise' (one scale
+    per expert operand, Megatron's Fp8Recipe.tensorwise) or 'rowwise' (a scale per row of a GEMM's
+    left operand and per column of its right one, torchao's rowwise)."""
 
     moe_router_type: str = dataclasses.field(
         default="topk", metadata={"argparse_meta": {"choices": ROUTER_TYPES}}

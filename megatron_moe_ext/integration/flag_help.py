@@ -18,6 +18,7 @@ from collections.abc import Sequence
 FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
     "granularity and experts (docs/fine-grained-experts.md)": (
         "moe_granularity", "moe_expansion_rate", "moe_base_topk", "moe_num_shared_experts", "moe_expert_backend"),
+    "FP8 experts (docs/fp8.md)": ("moe_fp8_",),
     "router and product keys (docs/product-key-router.md)": ("moe_router_type", "moe_router_noisy_gating", "moe_pk_"),
     "balancing (docs/balancing.md)": ("moe_balance_",),
     "PEER (docs/peer.md)": ("moe_peer_",),

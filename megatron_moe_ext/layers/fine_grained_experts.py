@@ -5,7 +5,8 @@ is hundreds of tiny matmuls plus Python overhead per layer. Here all local exper
 stacked parameters, ``linear_fc1.weight [E_local, F1, H]`` and ``linear_fc2.weight [E_local, H, F]``
 (with ``add_bias_linear``, Megatron's default, also ``linear_fc1.bias [E_local, F1]`` and
 ``linear_fc2.bias [E_local, H]``, zero-initialised as Megatron's Linear layers do), and one kernel
-call computes them all (``kernels/expert_mlp.py``, chosen by name).
+call computes them all (``kernels/expert_mlp.py``, chosen by name; with ``--moe-fp8-format``,
+``kernels/fp8_experts.expert_mlp_fp8`` instead, in training and eval alike, docs/fp8.md).
 
 Contract (megatron/core/transformer/moe/moe_layer.py, experts call): input rows grouped by local
 expert, ``tokens_per_expert`` counts (a CPU tensor for the allgather/alltoall dispatchers), the
@@ -26,6 +27,8 @@ Legend: E local experts, H hidden, F expert hidden, F1 = F or 2F (gated), N rout
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -34,6 +37,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe_ext.kernels.expert_mlp import get_expert_mlp_kernel
+from megatron_moe_ext.kernels.fp8_experts import expert_mlp_fp8
 from megatron_moe_ext.settings import ext_settings
 
 
@@ -107,7 +111,10 @@ class FineGrainedExperts(MegatronModule):
             param.expert_axis = 0  # axis of the stacked tensor that indexes experts
         self._register_load_state_dict_pre_hook(self._drop_extra_state)
         self.backend = settings.backend
-        self._kernel = get_expert_mlp_kernel(self.backend)
+        # FP8 (--moe-fp8-format) replaces the backend's kernel, in training and eval alike.
+        self.fp8_format, self.fp8_recipe = settings.fp8_format, settings.fp8_recipe
+        self._kernel = (functools.partial(expert_mlp_fp8, recipe=settings.fp8_recipe, fp8_format=settings.fp8_format)
+                        if settings.fp8 else get_expert_mlp_kernel(self.backend))
 
     def _activation(self, h: torch.Tensor) -> torch.Tensor:
         """Megatron's MLP activation (mlp.py, the unfused path; the fused kernels compute the same):

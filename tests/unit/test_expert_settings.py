@@ -28,6 +28,7 @@ DEFAULTS = {
     "fp8": None,
     "fp8_recipe": "delayed",
     "fp4": None,
+    "moe_fp8_format": None,
 }
 
 

@@ -74,6 +74,8 @@ OUR_FLAGS = [
     "--moe-base-topk",
     "--moe-num-shared-experts",
     "--moe-expert-backend",
+    "--moe-fp8-format",
+    "--moe-fp8-recipe",
     "--moe-router-type",
     "--moe-router-noisy-gating",
     "--moe-pk-heads",
