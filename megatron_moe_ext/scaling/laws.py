@@ -122,8 +122,14 @@ def to_theta(law: str, coefficients: dict[str, float]) -> np.ndarray:
 
 
 def from_theta(law: str, theta: np.ndarray) -> dict[str, float]:
-    """Fit vector -> coefficients."""
-    return {k: float(math.exp(v) if k in LOG_SCALED else v) for k, v in zip(COEFFICIENTS[law], theta)}
+    """Fit vector -> coefficients. A log-scaled coefficient the data cannot pin (e.g. in a bootstrap resample)
+    can run off towards +-inf; its logarithm is clipped to +-MAX_LOG so the value stays a finite float (and the
+    percentile interval then shows it unbounded) instead of overflowing."""
+    return {k: float(math.exp(min(max(v, -MAX_LOG), MAX_LOG)) if k in LOG_SCALED else v)
+            for k, v in zip(COEFFICIENTS[law], theta)}
+
+
+MAX_LOG = 700.0  # exp(700) ~ 1e304, below float64's overflow at exp(709.8)
 
 
 # --- Krajewski et al. 2024's compute model (Sec. 6.1-6.2, Eq. 10) ---------------------------------------

@@ -73,6 +73,18 @@ def read_results(paths: Sequence[str], *, law: str, params_column: str = "params
     return Table(points=Points(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3]), dense_rows=dense, sources=tuple(paths))
 
 
+# N and D values closer than this ratio count as one size when identifying an exponent: a compute-matched sweep's
+# N differs between granularities by the router's parameters alone (under 5% at the tiny scale), and its D by the
+# rounding to whole iterations; neither spread can pin down alpha or beta.
+SAME_SIZE_RATIO = 1.05
+
+
+def distinct_sizes(values: np.ndarray) -> int:
+    """How many sizes ``values`` holds, values within SAME_SIZE_RATIO of the previous (sorted) one counted as one."""
+    logs = np.sort(np.log(np.asarray(values, dtype=float)))
+    return int(1 + np.sum(np.diff(logs) > np.log(SAME_SIZE_RATIO))) if len(logs) else 0
+
+
 def check_identifiable(points: Points, *, law: str, fixed: dict[str, float]) -> None:
     """Refuse a fit the data cannot support: fewer points than free coefficients + 1, or too few distinct
     values of N, D, G (E) for the exponents that need them (unless those are held by ``--fix``)."""
@@ -82,7 +94,7 @@ def check_identifiable(points: Points, *, law: str, fixed: dict[str, float]) -> 
             f"{len(points)} points cannot fit the {len(free)} free coefficients of {law} ({', '.join(free)}): need at "
             f"least {len(free) + 1}; fix: run more configurations, or hold coefficients with --fix (e.g. "
             "--fix alpha=0.115 --fix gamma=0.58, Krajewski et al. 2024 Table 1)")
-    distinct = {"params": len(np.unique(points.params)), "tokens": len(np.unique(points.tokens)),
+    distinct = {"params": distinct_sizes(points.params), "tokens": distinct_sizes(points.tokens),
                 "granularity": len(np.unique(points.other)), "experts": len(np.unique(points.other))}
     for coefficient, (column, need) in laws.NEEDS[law].items():
         if coefficient in fixed:
@@ -91,6 +103,7 @@ def check_identifiable(points: Points, *, law: str, fixed: dict[str, float]) -> 
         if have < need:
             preset = laws.PRESETS["krajewski2024"].coefficients
             example = f"{coefficient}={preset[coefficient]}" if coefficient in preset else f"{coefficient}=0"
+            within = f" (values within {SAME_SIZE_RATIO - 1:.0%} counted as one)" if column in ("params", "tokens") else ""
             raise ValueError(
-                f"{have} distinct {column} value(s) cannot identify {coefficient} of {law} (needs >= {need}); fix: "
+                f"{have} distinct {column} value(s){within} cannot identify {coefficient} of {law} (needs >= {need}); fix: "
                 f"run configurations with more distinct {column} values, or hold it with --fix {example}")
