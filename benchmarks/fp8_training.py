@@ -34,11 +34,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_description, markdown_table
 
 BASELINE = "bf16 experts"
+FP32_CONTROL = "fp32 model (control, no --bf16)"
 VARIANTS: dict[str, list[str]] = {
-    BASELINE: [],
-    "fp8 hybrid tensorwise": ["--moe-fp8-format", "hybrid", "--moe-fp8-recipe", "tensorwise"],
-    "fp8 hybrid rowwise": ["--moe-fp8-format", "hybrid", "--moe-fp8-recipe", "rowwise"],
+    BASELINE: ["--bf16"],
+    "fp8 hybrid tensorwise": ["--bf16", "--moe-fp8-format", "hybrid", "--moe-fp8-recipe", "tensorwise"],
+    "fp8 hybrid rowwise": ["--bf16", "--moe-fp8-format", "hybrid", "--moe-fp8-recipe", "rowwise"],
 }
+# --fp32-control adds the whole model in fp32: how far bf16 itself moves the loss, the scale against which
+# the FP8 differences read (the FP8 path computes bias, activation and probability in float32 and rounds the
+# experts' output once, where the bf16 experts round at every step).
+CONTROL_ARGS: list[str] = []
 GOAL = 0.02  # |relative difference of the final losses| (issue #20)
 
 _ELAPSED = re.compile(r"\] iteration +(\d+)/ *\d+ \|.*elapsed time per iteration \(ms\): ([0-9.]+)")
@@ -62,7 +67,7 @@ def run_variant(workdir: Path, name: str, extra: list[str], *, iters: int, seed:
     env = dict(os.environ)
     env.setdefault("MEGATRON_MOE_EXT_CACHE", str(workdir.parent / "cache"))
     cmd = [
-        sys.executable, "-m", "megatron_moe_ext", "train", "--bf16", "--seed", str(seed),
+        sys.executable, "-m", "megatron_moe_ext", "train", "--seed", str(seed),
         "--train-iters", str(iters), "--lr-warmup-iters", str(max(1, iters // 20)),
         "--eval-interval", str(iters), "--eval-iters", "4", "--log-interval", "1",
         "--ext-loss-log", str(workdir / "loss"), *extra,
@@ -104,13 +109,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--last", type=int, default=20, help="iterations averaged for the final train loss")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--markdown", type=Path, help="also write the section to this file (atomically)")
+    parser.add_argument("--fp32-control", action="store_true",
+                        help="also train the whole model in fp32 (no --bf16): the loss change bf16 itself causes")
+    parser.add_argument("--only-control", action="store_true", help="train the fp32 control alone (with the bf16 "
+                        "baseline it is compared with)")
     args = parser.parse_args(argv)
     if args.iters < 1 or not 1 <= args.last <= args.iters:
         parser.error(f"--iters {args.iters} --last {args.last}: need iters >= 1 and 1 <= last <= iters; "
                      f"fix: e.g. --iters 300 --last 20")
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="fp8_training_") as tmp:
-        for i, (name, extra) in enumerate(VARIANTS.items()):
+        variants = {BASELINE: VARIANTS[BASELINE]} if args.only_control else dict(VARIANTS)
+        if args.fp32_control or args.only_control:
+            variants[FP32_CONTROL] = CONTROL_ARGS
+        for i, (name, extra) in enumerate(variants.items()):
             rows[name] = run_variant(Path(tmp) / f"v{i}", name, extra, iters=args.iters, seed=args.seed,
                                      last=args.last)
             print(f"{name}: train {rows[name]['train']:.4f} valid {rows[name]['valid']:.4f} "
@@ -118,10 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     base = rows[BASELINE]
     goals = [f"- {name}: |train diff| {abs(r['train'] - base['train']) / base['train']:.2%}, |valid diff| "
              f"{abs(r['valid'] - base['valid']) / base['valid']:.2%} (goal <= {GOAL:.0%})"
-             for name, r in rows.items() if name != BASELINE]
+             for name, r in rows.items() if name not in (BASELINE, FP32_CONTROL)]
     section = "\n".join([
         "## FP8 experts vs bf16 experts, demo model (CPU)", "",
-        f"`python benchmarks/fp8_training.py --iters {args.iters} --last {args.last}`; "
+        f"`python benchmarks/fp8_training.py --iters {args.iters} --last {args.last} --seed {args.seed}"
+        + (" --fp32-control" if args.fp32_control else " --only-control" if args.only_control else "") + "`; "
         + ", ".join(f"{k}: {v}" for k, v in machine_description().items()), "",
         table(rows, iters=args.iters, last=args.last), "", "goals:", *goals, "",
     ])
