@@ -98,6 +98,11 @@ def _run(ns: argparse.Namespace) -> int:
     result = fitting.fit_law(ns.law, table.points, fixed=fixed, bootstrap=ns.bootstrap, confidence=ns.confidence,
                              seed=ns.seed, grid=ns.starts)
     print(format_fit(result, dense_rows=table.dense_rows, sources=table.sources))
+    degenerate = fitting.degenerate_terms(ns.law, result.coefficients)
+    if degenerate:
+        print(f"note: these data do not identify the law's {'; '.join(degenerate)} term(s): the fit explains the "
+              "losses without them, so read their coefficients as unidentified, not as measured; fix: runs spanning "
+              "more model sizes, tokens or granularities (longer, larger runs), or hold them with --fix")
     params = "active" if ns.params_column == "params" else "total"
     law = laws.Law(ns.law, result.coefficients, params=params, source=", ".join(table.sources))
     if ns.json:
@@ -115,6 +120,7 @@ def _run(ns: argparse.Namespace) -> int:
             "fixed": result.fixed,
             "dense_rows_left_out": table.dense_rows,
             "bootstrap": ns.bootstrap,
+            "unidentified_terms": degenerate,
         })
         print(f"wrote {ns.json}")
     if ns.plot:

@@ -198,6 +198,29 @@ def _fit_law(law: str, points: Points, *, fixed: dict[str, float] | None, bootst
     )
 
 
+# A term whose scale coefficient falls below this (relative to the loss scale ~1), or whose exponent makes it grow
+# with its variable, is not a term the data identified.
+VANISHING = 1e-6
+
+
+def degenerate_terms(law: str, coefficients: dict[str, float]) -> list[str]:
+    """The terms of a fitted law the data did not identify: a scale coefficient that collapsed below VANISHING
+    (the fit explains the losses without the term), or a size exponent <= 0 (loss growing with model size or
+    tokens, which no scaling law describes). Krajewski et al. 2024's terms: 'N' (a/N^alpha), 'G' (g/(G^gamma
+    N^alpha)), 'D' (b/D^beta), 'floor' (c). For the joint law: 'N' (a...), 'D' (b...), 'floor' (c)."""
+    c = coefficients
+    out = []
+    if c["a"] < VANISHING or c["alpha"] <= 0:
+        out.append(f"N (a = {c['a']:.3g}, alpha = {c['alpha']:.3g})")
+    if law == "krajewski2024" and (c["g"] < VANISHING or c["alpha"] <= 0):
+        out.append(f"G (g = {c['g']:.3g}, gamma = {c['gamma']:.3g})")
+    if c["b"] < VANISHING or c["beta"] <= 0:
+        out.append(f"D (b = {c['b']:.3g}, beta = {c['beta']:.3g})")
+    if c["c"] < VANISHING:
+        out.append(f"floor (c = {c['c']:.3g})")
+    return out
+
+
 def parse_fixed(items: list[str], law: str) -> dict[str, float]:
     """``["alpha=0.115", ...]`` -> {"alpha": 0.115}; ValueError naming the item and the fix."""
     out: dict[str, float] = {}

@@ -71,6 +71,11 @@ RUNNABLE = [(f, c) for f, c in COMMANDS if c not in TEMPLATES]
 LAB_COVERED_ELSEWHERE = {
     "megatron-moe-ext sweep run runs/sweep": "tests/e2e/test_sweep.py::test_grid_plan_run_collect (and the resume test)",
     "megatron-moe-ext sweep collect runs/sweep": "tests/e2e/test_sweep.py::test_grid_plan_run_collect",
+    "megatron-moe-ext sweep run runs/study": "the 95-minute study of docs/sweeps.md; the same command at tiny size: "
+                                             "tests/e2e/test_sweep.py::test_grid_plan_run_collect",
+    "megatron-moe-ext sweep collect runs/study": "tests/e2e/test_sweep.py::test_grid_plan_run_collect",
+    "megatron-moe-ext fit runs/study/results.csv --law krajewski2024 --json runs/study/law.json --plot runs/study/fit.png":
+        "tests/e2e/test_fit_plan_cli.py",
     "megatron-moe-ext fit runs/sweep/results.csv --law krajewski2024 --json runs/sweep/law.json --plot runs/sweep/fit.png":
         "tests/e2e/test_fit_plan_cli.py",
     "megatron-moe-ext plan --flops 1e20 --law-json runs/sweep/law.json --expansion-rates 8": "tests/e2e/test_fit_plan_cli.py",
@@ -195,5 +200,6 @@ def test_lab_commands_run_as_written(doc, command, tmp_path, monkeypatch, capsys
         code = exit_info.code
     out, err = capsys.readouterr()
     assert code == 0, f"{doc}: `{command}` fails as written:\n{err[-3000:]}"
-    if command.split()[1:3] == ["sweep", "plan"]:
-        assert (tmp_path / "runs/sweep/runs.csv").is_file()
+    words = shlex.split(command)
+    if words[1:3] == ["sweep", "plan"]:
+        assert (tmp_path / words[words.index("--out") + 1] / "runs.csv").is_file()

@@ -155,3 +155,11 @@ def test_sizes_within_five_percent_count_as_one_and_runaway_coefficients_stay_fi
     assert results_table.distinct_sizes(np.array([1e6, 1.06e6])) == 2
     coeffs = laws.from_theta("krajewski2024", np.array([1000.0, 0.1, -1000.0, 0.1, 1.0, 0.5, 0.0]))
     assert np.isfinite(list(coeffs.values())).all() and coeffs["a"] > 1e300 and coeffs["b"] < 1e-300
+
+
+def test_degenerate_terms_are_named() -> None:
+    # The CPU study's fit (docs/sweeps.md): N, G and floor terms collapsed, only b/D^beta left.
+    study = {"a": 9.86e-305, "alpha": -29.15, "b": 11.7, "beta": 0.118, "g": 3.25e-164, "gamma": 0.354, "c": 6.1e-7}
+    names = [t.split()[0] for t in fitting.degenerate_terms("krajewski2024", study)]
+    assert names == ["N", "G", "floor"]
+    assert fitting.degenerate_terms("krajewski2024", laws.PRESETS["krajewski2024"].coefficients) == []
