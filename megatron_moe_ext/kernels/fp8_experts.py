@@ -39,14 +39,12 @@ from typing import Callable, Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
+from megatron_moe_ext.kernels.expert_mlp import expert_of_rows
 from megatron_moe_ext.kernels.fp8_scaling import FP8_DTYPES, RECIPES, quantize_operand
+from megatron_moe_ext.settings.experts import FP8_GEMM_ALIGNMENT as CUDA_FP8_ALIGNMENT
+from megatron_moe_ext.settings.experts import MOE_FP8_FORMATS as FP8_FORMATS
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
-
-# --moe-fp8-format values (Megatron's --fp8-format meanings): e4m3 everywhere, or e5m2 gradients.
-FP8_FORMATS = ("e4m3", "hybrid")
-# Dimensions of CUDA's FP8 GEMMs must be multiples of this (settings/experts.py refuses others).
-CUDA_FP8_ALIGNMENT = 16
 
 
 def grad_dtype(fp8_format: str) -> torch.dtype:
@@ -129,6 +127,18 @@ def _per_expert_rows_mm(
     return torch.cat(outs) if outs else a_NK.new_zeros(0, b_EKN[0].shape[1] if len(b_EKN) else 0)
 
 
+def _rows_mm(
+    a_NK: torch.Tensor, b_EKN: torch.Tensor, counts: Sequence[int], *, a_dtype: torch.dtype, grouped: bool,
+    recipe: str,
+) -> torch.Tensor:
+    """float32 rows of ``a_n @ b_e`` per expert (b in e4m3): one grouped call where ``grouped`` and the left
+    operand is e4m3 too (the grouped GEMM takes e4m3 x e4m3 only), else one ``_scaled_mm`` per expert."""
+    if grouped and a_dtype == FP8_DTYPES["e4m3"]:
+        return _grouped_rows_mm(a_NK, b_EKN, counts, recipe=recipe)
+    return _per_expert_rows_mm(a_NK, b_EKN.unbind(0), counts, a_dtype=a_dtype, b_dtype=FP8_DTYPES["e4m3"],
+                               recipe=recipe)
+
+
 class _FP8ExpertMLP(torch.autograd.Function):
     """Forward and backward of the FP8 expert MLP (see the module docstring); the activation is
     recomputed from the saved float32 fc1 output in backward, under autograd."""
@@ -149,23 +159,14 @@ class _FP8ExpertMLP(torch.autograd.Function):
     ) -> torch.Tensor:
         e4m3 = FP8_DTYPES["e4m3"]
         grouped = grouped_supported(x_NH, w1_EF1H, w2_EHF)
-        expert_N = torch.repeat_interleave(torch.arange(len(counts), device=x_NH.device),
-                                           torch.tensor(counts, device=x_NH.device))
+        expert_N = expert_of_rows(counts, x_NH.device)
         p_N1 = probs_N.float().unsqueeze(-1)
-        if grouped:
-            h_NF1 = _grouped_rows_mm(x_NH, w1_EF1H.transpose(1, 2), counts, recipe=recipe)
-        else:
-            h_NF1 = _per_expert_rows_mm(x_NH, w1_EF1H.transpose(1, 2).unbind(0), counts, a_dtype=e4m3,
-                                        b_dtype=e4m3, recipe=recipe)
+        h_NF1 = _rows_mm(x_NH, w1_EF1H.transpose(1, 2), counts, a_dtype=e4m3, grouped=grouped, recipe=recipe)
         if b1_EF1 is not None:
             h_NF1 = h_NF1 + b1_EF1.float()[expert_N]
         with torch.no_grad():
             s_NF = activation(h_NF1) * p_N1
-        if grouped:
-            out_NH = _grouped_rows_mm(s_NF, w2_EHF.transpose(1, 2), counts, recipe=recipe)
-        else:
-            out_NH = _per_expert_rows_mm(s_NF, w2_EHF.transpose(1, 2).unbind(0), counts, a_dtype=e4m3,
-                                         b_dtype=e4m3, recipe=recipe)
+        out_NH = _rows_mm(s_NF, w2_EHF.transpose(1, 2), counts, a_dtype=e4m3, grouped=grouped, recipe=recipe)
         if b2_EH is not None:
             out_NH = out_NH + b2_EH.float()[expert_N] * p_N1
         ctx.save_for_backward(x_NH, w1_EF1H, w2_EHF, probs_N, b2_EH, h_NF1, s_NF, expert_N)
@@ -181,7 +182,6 @@ class _FP8ExpertMLP(torch.autograd.Function):
         need_x, need_w1, need_w2, need_p, need_b1, need_b2 = ctx.needs_input_grad[:6]
         counts, recipe = ctx.counts, ctx.recipe
         e4m3, g_dtype = FP8_DTYPES["e4m3"], grad_dtype(ctx.fp8_format)
-        grouped = ctx.grouped and g_dtype == e4m3  # the grouped GEMM takes e4m3 x e4m3 only
         g_NH = grad_NH.contiguous()
         g_split = torch.split(g_NH, list(counts))
         p_N1 = probs_N.float().unsqueeze(-1)
@@ -201,11 +201,7 @@ class _FP8ExpertMLP(torch.autograd.Function):
             return grad_x, grad_w1, grad_w2, grad_p, grad_b1, grad_b2, None, None, None, None
 
         # dS = g W2 (per expert), then through s = act(h) * p.
-        if grouped:
-            grad_s_NF = _grouped_rows_mm(g_NH, w2_EHF, counts, recipe=recipe)
-        else:
-            grad_s_NF = _per_expert_rows_mm(g_NH, w2_EHF.unbind(0), counts, a_dtype=g_dtype, b_dtype=e4m3,
-                                            recipe=recipe)
+        grad_s_NF = _rows_mm(g_NH, w2_EHF, counts, a_dtype=g_dtype, grouped=ctx.grouped, recipe=recipe)
         with torch.enable_grad():
             h_leaf = h_NF1.detach().requires_grad_(True)
             a_NF = ctx.activation(h_leaf)
@@ -219,11 +215,7 @@ class _FP8ExpertMLP(torch.autograd.Function):
         (grad_h_NF1,) = torch.autograd.grad(a_NF, h_leaf, grad_s_NF * p_N1)
 
         if need_x:
-            if grouped:
-                grad_x_NH = _grouped_rows_mm(grad_h_NF1, w1_EF1H, counts, recipe=recipe)
-            else:
-                grad_x_NH = _per_expert_rows_mm(grad_h_NF1, w1_EF1H.unbind(0), counts, a_dtype=g_dtype,
-                                                b_dtype=e4m3, recipe=recipe)
+            grad_x_NH = _rows_mm(grad_h_NF1, w1_EF1H, counts, a_dtype=g_dtype, grouped=ctx.grouped, recipe=recipe)
             grad_x = grad_x_NH.to(x_NH.dtype)
         if need_w1:
             grad_w1 = torch.stack([

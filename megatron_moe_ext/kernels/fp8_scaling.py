@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import torch
 
+from megatron_moe_ext.settings.experts import MOE_FP8_RECIPES as RECIPES
+
 # Our --moe-fp8-format element formats -> torch dtypes.
 FP8_DTYPES: dict[str, torch.dtype] = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
-RECIPES = ("tensorwise", "rowwise")
 
 
 def fp8_max(dtype: torch.dtype) -> float:

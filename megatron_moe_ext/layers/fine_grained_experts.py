@@ -112,7 +112,6 @@ class FineGrainedExperts(MegatronModule):
         self._register_load_state_dict_pre_hook(self._drop_extra_state)
         self.backend = settings.backend
         # FP8 (--moe-fp8-format) replaces the backend's kernel, in training and eval alike.
-        self.fp8_format, self.fp8_recipe = settings.fp8_format, settings.fp8_recipe
         self._kernel = (functools.partial(expert_mlp_fp8, recipe=settings.fp8_recipe, fp8_format=settings.fp8_format)
                         if settings.fp8 else get_expert_mlp_kernel(self.backend))
 

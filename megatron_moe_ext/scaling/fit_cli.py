@@ -11,24 +11,11 @@ Bad input exits 2 with the values and the fix; nothing here imports megatron-cor
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
 
 PROG = "megatron-moe-ext fit"
-
-
-def write_json_atomic(path: str, payload: dict) -> None:
-    """Write ``payload`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise ValueError(f"--json {path}: directory {directory} does not exist; fix: create it or choose another path")
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-    os.replace(tmp, path)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,6 +71,7 @@ def main(argv: Sequence[str]) -> int:
 
 def _run(ns: argparse.Namespace) -> int:
     from megatron_moe_ext.scaling import fitting, laws, results_table
+    from megatron_moe_ext.scaling.atomic_files import write_json_atomic
 
     if ns.bootstrap < 0:
         raise ValueError(f"--bootstrap {ns.bootstrap} must be >= 0; fix: e.g. --bootstrap 200 (0: no intervals)")

@@ -124,7 +124,7 @@ def main(argv: Sequence[str]) -> int:
 
 def _run(ns: argparse.Namespace) -> int:
     from megatron_moe_ext.scaling import optimum
-    from megatron_moe_ext.scaling.fit_cli import write_json_atomic
+    from megatron_moe_ext.scaling.atomic_files import write_json_atomic
     from megatron_moe_ext.scaling.laws import PRESETS
 
     law = read_law_json(ns.law_json) if ns.law_json else PRESETS[ns.preset or "krajewski2024"]

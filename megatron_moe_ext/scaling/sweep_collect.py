@@ -14,6 +14,7 @@ import io
 import os
 from typing import Any
 
+from megatron_moe_ext.scaling.atomic_files import write_text_atomic
 from megatron_moe_ext.scaling.log_parsing import finished, parse_train_log
 from megatron_moe_ext.scaling.sweep_run import is_done, load_plan
 
@@ -68,8 +69,5 @@ def collect(plan_dir: str, *, out: str | None = None, partial: bool = False) -> 
     writer.writeheader()
     writer.writerows(results)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(buf.getvalue())
-    os.replace(tmp, out)
+    write_text_atomic(out, buf.getvalue())
     return out, unfinished

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from megatron_moe_ext.accounting import Accounting, ModelShape, account, padded_vocab_size
-from megatron_moe_ext.settings.granularity import derive_fine_grained
+from megatron_moe_ext.settings.granularity import _divisors, derive_fine_grained
 from megatron_moe_ext.training.data import VOCAB_SIZE
 
 KINDS = ("moe", "dense_equal_compute", "dense_equal_params")
@@ -109,10 +109,6 @@ class PlannedRun:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "train_args"}
         out["command"] = shlex.join(["megatron-moe-ext", "train", *self.train_args])
         return out
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _positive(name: str, value: int) -> None:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from megatron_moe_ext.scaling.atomic_files import write_json_atomic
 from megatron_moe_ext.scaling.log_parsing import finished, parse_train_log
 
 DONE = "done.json"
@@ -33,14 +34,6 @@ def load_plan(plan_dir: str) -> list[dict[str, Any]]:
         )
     with open(path) as fh:
         return json.load(fh)["runs"]
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.write("\n")
-    os.replace(tmp, path)
 
 
 def is_done(plan_dir: str, row: dict[str, Any]) -> bool:

@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from megatron_moe_ext.settings.granularity import _divisors, _nearest
+from megatron_moe_ext.settings.granularity import FP8_ALIGNMENT, _divisors, _nearest
 
 EXPERT_BACKENDS = ("grouped", "segmented", "padded", "loop", "eager", "megatron", "te")
 DEFAULT_EXPERT_BACKEND = "grouped"
@@ -34,7 +34,7 @@ MOE_FP8_FORMATS = ("e4m3", "hybrid")
 MOE_FP8_RECIPES = ("tensorwise", "rowwise")
 DEFAULT_MOE_FP8_RECIPE = "tensorwise"
 # FP8 GEMMs (CUDA's torch._scaled_mm / _scaled_grouped_mm, cuBLASLt) need every dimension a multiple of 16.
-FP8_GEMM_ALIGNMENT = 16
+FP8_GEMM_ALIGNMENT = FP8_ALIGNMENT["default"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

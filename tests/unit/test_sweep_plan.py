@@ -20,6 +20,7 @@ from megatron_moe_ext.scaling.log_parsing import finished, parse_train_log
 from megatron_moe_ext.scaling.sweep_collect import RESULT_COLUMNS, collect
 from megatron_moe_ext.scaling.sweep_plan import SweepSpec, plan_runs
 from megatron_moe_ext.scaling.sweep_run import run_sweep
+from megatron_moe_ext.training.train import _without
 
 SPEC = SweepSpec(budgets=(1e12, 3e12), hidden_sizes=(48, 64), granularities=(1, 2, 4), expansion_rates=(4, 8),
                  seeds=(1, 2))
@@ -57,15 +58,7 @@ def _model_flags(command: str) -> list[str]:
     args = shlex.split(command)[2:]
     drop = {"--nproc", "--train-iters", "--eval-interval", "--eval-iters", "--save-interval", "--save", "--load",
             "--ext-loss-log", "--seed"}
-    out, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-        elif a in drop:
-            skip = True
-        else:
-            out.append(a)
-    return out
+    return _without(args, drop)
 
 
 def test_accounting_is_that_of_the_command():
