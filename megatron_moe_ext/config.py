@@ -35,6 +35,7 @@ from megatron_moe_ext.settings.peer import (
     PEER_SHARDS,
     PEER_SUBKEY_MARGINALS,
 )
+from megatron_moe_ext.settings.expert_choice import DEFAULT_EC_EVAL_RULE, EC_EVAL_RULES
 from megatron_moe_ext.settings.router import BIAS_UPDATE_RULES, ROUTER_TYPES
 
 # Megatron's own default for moe_router_topk (read from its field); an unchanged default counts as
@@ -93,9 +94,11 @@ class MoEExtConfig(TransformerConfig):
     moe_router_type: str = dataclasses.field(
         default="topk", metadata={"argparse_meta": {"choices": ROUTER_TYPES}}
     )
-    """Router of the MoE layers: 'topk' (Megatron's TopKRouter: a dense [hidden x experts] gate)
-    or 'product_key' (exact top-k by product keys in O(sqrt(experts)) per token; the experts form
-    heads pools of n1 x n2, see the --moe-pk-* flags)."""
+    """Router of the MoE layers: 'topk' (Megatron's TopKRouter: a dense [hidden x experts] gate),
+    'product_key' (exact top-k by product keys in O(sqrt(experts)) per token; the experts form
+    heads pools of n1 x n2, see the --moe-pk-* flags), 'expert_choice' (each expert picks its
+    tokens, see --moe-ec-*) or 'relu' (ReMoE: ReLU gates, experts per token variable, see
+    --moe-relu-*)."""
 
     moe_router_noisy_gating: bool = False
     """Noisy top-k gating (Shazeer et al. 2017): at train time add N(0,1)*softplus(W_noise x) to the
@@ -146,6 +149,38 @@ class MoEExtConfig(TransformerConfig):
     """Update of the product-key selection biases: 'sign' (Megatron's rule: bias += rate *
     sign(mean - count)) or 'relative' (bias += rate * clamp((mean - count) / mean, -1, 1): steps
     shrink as the load nears the mean)."""
+
+    moe_ec_capacity_factor: float = 1.0
+    """Expert-choice router (--moe-router-type expert_choice; Zhou et al. 2022): each expert takes its
+    top-c tokens of the token group (a data-parallel rank's micro-batch, the whole sequence under
+    sequence parallelism), c = ceil(tokens x top-k / experts x this factor); a token may get zero or
+    several experts (dropped tokens pass through the residual). Must be > 0."""
+
+    moe_ec_eval_rule: str = dataclasses.field(
+        default=DEFAULT_EC_EVAL_RULE, metadata={"argparse_meta": {"choices": EC_EVAL_RULES}}
+    )
+    """Causal rule of the expert-choice router at evaluation and generation (choice over a batch sees
+    later tokens): 'threshold' (a token goes to every expert whose score clears that expert's
+    threshold, tracked during training as a running mean of the c-th best score) or 'token_choice'
+    (each token's top-k of the same scores). The evaluation log reports the batch-choice loss too."""
+
+    moe_relu_target_sparsity: float | None = None
+    """ReLU router (--moe-router-type relu; ReMoE, Wang et al. 2025): target fraction of zero gates,
+    in (0, 1). Default 1 - top-k / experts: the mean compute of top-k token choice."""
+
+    moe_relu_l1_coeff: float = 1e-8
+    """ReLU router: initial coefficient of the L1 penalty on the gates (ReMoE's lambda_0), adapted each
+    step toward --moe-relu-target-sparsity."""
+
+    moe_relu_l1_update_rate: float = 1.2
+    """ReLU router: multiplicative step of the L1 coefficient (ReMoE's alpha > 1): times alpha when the
+    gates are denser than the target, divided by alpha when sparser."""
+
+    moe_null_experts: int = 0
+    """Null (zero-computation) experts (MoE++, AdaMoE): M extra router outputs whose selection spends
+    no expert compute (the token's slot contributes nothing; it keeps the residual), so compute per
+    token varies. For the top-k, product-key (the grid then holds experts + M cells) and
+    expert-choice routers. The fraction of null selections is logged; balancing counts them."""
 
     moe_balance_losses: list[str] | None = dataclasses.field(
         default=None, metadata={"argparse_meta": {"choices": BALANCE_LOSSES}}

@@ -20,6 +20,8 @@ FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
         "moe_granularity", "moe_expansion_rate", "moe_base_topk", "moe_num_shared_experts", "moe_expert_backend"),
     "FP8 experts (docs/fp8.md)": ("moe_fp8_",),
     "router and product keys (docs/product-key-router.md)": ("moe_router_type", "moe_router_noisy_gating", "moe_pk_"),
+    "routing variants: expert choice, ReLU, null experts (docs/routing-variants.md)": (
+        "moe_ec_", "moe_relu_", "moe_null_experts"),
     "balancing (docs/balancing.md)": ("moe_balance_",),
     "PEER (docs/peer.md)": ("moe_peer_",),
 }

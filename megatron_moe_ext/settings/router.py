@@ -15,7 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-ROUTER_TYPES = ("topk", "product_key")
+from megatron_moe_ext.settings.expert_choice import ExpertChoiceSettings, expert_choice_settings
+from megatron_moe_ext.settings.null_experts import null_expert_count
+from megatron_moe_ext.settings.relu_router import ReluRouterSettings, relu_router_settings
+
+ROUTER_TYPES = ("topk", "product_key", "expert_choice", "relu")
 # Update rules of the product-key selection biases (MoEExtConfig.moe_pk_bias_update_rule).
 BIAS_UPDATE_RULES = ("sign", "relative")
 
@@ -172,6 +176,9 @@ class RouterSettings:
     pk_bias_balancing: bool
     pk_expert_bias_balancing: bool
     pk_bias_update_rule: str
+    expert_choice: ExpertChoiceSettings | None = None
+    relu: ReluRouterSettings | None = None
+    null_experts: int = 0
 
     @property
     def selection_biases(self) -> bool:
@@ -210,8 +217,9 @@ def router_settings(get: Callable[[str], Any]) -> RouterSettings:
         )
     layout = None
     if router_type == "product_key":
-        layout = product_key_layout(
-            get("num_moe_experts"),
+        experts = get("num_moe_experts")
+        layout = product_key_layout(  # null experts (--moe-null-experts) are cells of the grid too
+            None if experts is None else experts + null_expert_count(get),
             get("moe_router_topk"),
             heads=get("moe_pk_heads"),
             key_dim=get("moe_pk_key_dim"),
@@ -232,6 +240,7 @@ def router_settings(get: Callable[[str], Any]) -> RouterSettings:
         router_type=router_type, noisy_gating=bool(get("moe_router_noisy_gating")), pk_layout=layout,
         pk_key_dim=get("moe_pk_key_dim"), pk_query_norm=get("moe_pk_query_norm"), pk_bias_balancing=bias,
         pk_expert_bias_balancing=expert_bias, pk_bias_update_rule=rule,
+        expert_choice=expert_choice_settings(get), relu=relu_router_settings(get), null_experts=null_expert_count(get),
     )
 
 
