@@ -103,6 +103,18 @@ def router_class(config: TransformerConfig) -> type | None:
     ext = ext_settings(config)
     if ext.router.router_type == "product_key":
         return ProductKeyRouter
+    if ext.router.router_type == "expert_choice":
+        from megatron_moe_ext.layers.expert_choice_router import ExpertChoiceRouter
+
+        return ExpertChoiceRouter
+    if ext.router.router_type == "relu":
+        from megatron_moe_ext.layers.relu_router import ReluRouter
+
+        return ReluRouter
+    if ext.router.null_experts:
+        from megatron_moe_ext.layers.null_experts import NullExpertTopKRouter
+
+        return NullExpertTopKRouter
     noisy = ext.router.noisy_gating
     if ext.balance.requested:
         return BalancedNoisyTopKRouter if noisy else BalancedTopKRouter
