@@ -12,7 +12,8 @@ Parameters (exactly what Megatron's ``GPTModel`` allocates; ``b`` = bias terms w
     dense MLP   per dense layer: g*f*h + f*h  [+ g*f + h b]
     experts     per MoE layer: E * (g*fe*h + fe*h  [+ g*fe + h b])
     shared      per MoE layer: g*fs*h + fs*h  [+ h shared-expert gate]   (Megatron: no bias allowed)
-    router      per MoE layer: E*h  [+ E b]  [+ E*h noise weights with noisy gating]
+    router      per MoE layer: E'*h  [+ E' b]  [+ E'*h noise weights with noisy gating], E' = E + M
+                (M null experts: the router has E + M outputs; expert choice and ReLU: E' = E)
                 product keys (Hk heads, D key dim, n1 x n2 grid per head): Hk*D*h (query) + Hk*(n1+n2)*D/2
                 (sub-keys) + query-norm affine (Hk*D rmsnorm, 2*Hk*D layernorm/batchnorm)
                 [+ Hk*(n1+n2)*h noise weights]
@@ -22,7 +23,8 @@ Parameters (exactly what Megatron's ``GPTModel`` allocates; ``b`` = bias terms w
                 layernorm/batchnorm) + 2*N*h (tables u, v)  [+ g*fp*h + fp*h  [+ g*fp + h b] dense branch]
     norms       L * 2*n(h) (input + pre-MLP) + n(h) (final)
 A PEER layer replaces the MLP (dense or MoE: no router, no experts) of the layers --moe-peer-layers names.
-Active parameters per token: total minus the (E - k) experts a token does not visit in each MoE layer
+Active parameters per token: total minus the (E - a) experts a token does not visit in each MoE layer
+(rounded to an integer when a is fractional)
 and the N - G rows of u and of v it does not visit in each PEER layer (embeddings, routers, PEER
 retrieval, shared experts and dense branches count as active).
 
@@ -31,8 +33,11 @@ Megatron's ``num_floating_point_operations``):
     attention   per layer: 2*h*(nq + 2*nkv)*d + 2*nq*d*h       (QKV and output projections)
                          + 2*nq*d*(s/2) + 2*nq*d*(s/2)          (QK^T scores, attention over values)
     dense MLP   per dense layer: 2*g*f*h + 2*f*h
-    MoE         per MoE layer: k*(2*g*fe*h + 2*fe*h) + 2*g*fs*h + 2*fs*h [+ 2*h shared gate]
-    router      per MoE layer: 2*h*E   (the only term that grows with the number of experts) [x2 noisy]
+    MoE         per MoE layer: a*(2*g*fe*h + 2*fe*h) + 2*g*fs*h + 2*fs*h [+ 2*h shared gate], rounded to
+                an integer; a = expected real experts per token (``expected_active_experts``): k for
+                top-k/product keys, k*E/(E+M) with M null experts, f*k for expert choice, (1-S)*E for
+                ReLU routing, or the measured mean (``active_experts``, e.g. the logged active_experts)
+    router      per MoE layer: 2*h*E'  (the only term that grows with the number of experts) [x2 noisy]
                 product keys: 2*h*Hk*D + 2*Hk*(n1+n2)*D/2  [+ 2*h*Hk*(n1+n2) noisy]: O(sqrt E)
     peer        per PEER layer: 2*h*H*D (query) + 2*H*2*n*D/2 (sub-key scores) + H*kp^2 (candidate
                 sums, kp = sub-key top-k: additions, 1 FLOP each) + 2*G*h (u dots) + 2*G*h (gated v sum)
@@ -88,6 +93,10 @@ class ModelShape:
     shared_expert_gate: bool = False
     router_type: str = "topk"
     noisy_gating: bool = False
+    null_experts: int = 0
+    ec_capacity_factor: float = 1.0
+    relu_target_sparsity: float | None = None
+    active_experts: float | None = None
     pk_heads: int = 1
     pk_key_dim: int = 128
     pk_grid_rows: int | None = None
@@ -165,11 +174,54 @@ class ModelShape:
         _positive("moe_ffn_hidden_size", self.moe_ffn_hidden_size)
         if self.topk is None or not 1 <= self.topk <= self.num_experts:
             raise ValueError(f"topk={self.topk} must be in 1..num_experts={self.num_experts}")
+        if not isinstance(self.null_experts, int) or isinstance(self.null_experts, bool) or self.null_experts < 0:
+            raise ValueError(f"null_experts={self.null_experts!r} must be an integer >= 0 (--moe-null-experts)")
+        if self.null_experts and self.router_type == "relu":
+            raise ValueError(f"null_experts={self.null_experts} with router_type relu: a zero ReLU gate already skips "
+                             "an expert; fix: null_experts=0")
+        if self.router_type == "expert_choice" and not self.ec_capacity_factor > 0:
+            raise ValueError(f"ec_capacity_factor={self.ec_capacity_factor} must be > 0 (--moe-ec-capacity-factor); "
+                             "fix: e.g. 1.0")
+        if self.router_type == "relu" and self.relu_target_sparsity is not None and not 0 < self.relu_target_sparsity < 1:
+            raise ValueError(f"relu_target_sparsity={self.relu_target_sparsity} must be in (0, 1) "
+                             f"(--moe-relu-target-sparsity); fix: e.g. {1 - self.topk / self.num_experts}")
+        if self.active_experts is not None and not 0 <= self.active_experts <= self.num_experts:
+            raise ValueError(
+                f"active_experts={self.active_experts} must be in [0, num_experts={self.num_experts}] (the mean number "
+                "of real experts a token visits per MoE layer); fix: pass the measured mean, e.g. the logged "
+                "active_experts")
         if self.shared_expert_intermediate_size is not None:
             _positive("shared_expert_intermediate_size", self.shared_expert_intermediate_size)
             if self.add_bias_linear:
                 # Megatron's SharedExpertMLP asserts this; a shape it cannot build has no accounting.
                 raise ValueError("shared experts do not support biases in Megatron; fix: add_bias_linear=False (--disable-bias-linear)")
+
+
+def expected_active_experts(shape: ModelShape) -> float:
+    """Expected real experts a token visits per MoE layer, a (0 without MoE layers).
+
+    ``shape.active_experts`` (measured, e.g. the mean of the logged ``active_experts``) wins; else the
+    nominal value of the router:
+        top-k, product keys   k
+        + M null experts      k * E / (E + M)   under balanced routing: each of the E + M outputs
+                              receives the same share of the k slots (MoE++, Jin et al., ICLR 2025)
+        expert choice         min(E, f * k)     each expert takes c = ceil(T * k / E * f) of a group's
+                              T tokens (Zhou et al. 2022, Sec. 3.1), so E * c / T ~ f * k per token (the
+                              ceiling adds at most E / T); null columns (if any) take their own tokens
+        ReLU                  (1 - S) * E       at the target sparsity S (ReMoE, Wang et al., ICLR 2025);
+                              S defaults to 1 - k / E
+    """
+    if shape.num_experts is None or not any(shape.moe_layer_pattern):
+        return 0.0
+    if shape.active_experts is not None:
+        return float(shape.active_experts)
+    E, k = shape.num_experts, shape.topk
+    if shape.router_type == "expert_choice":
+        return min(float(E), shape.ec_capacity_factor * k)
+    if shape.router_type == "relu":
+        target = 1.0 - k / E if shape.relu_target_sparsity is None else shape.relu_target_sparsity
+        return (1.0 - target) * E
+    return k * E / (E + shape.null_experts)
 
 
 def _positive(name: str, value: Any) -> None:
@@ -344,6 +396,8 @@ class Accounting:
     peer_retrieval_params: int = 0
     peer_flops_per_token: int = 0
     peer_retrieval_flops_per_token: int = 0
+    active_experts: float = 0.0  # a: expected real experts per token per MoE layer (expected_active_experts)
+    active_experts_measured: bool = False  # a came from ModelShape.active_experts, not the router's nominal value
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: every count plus the shape (moe_layer_pattern as a list)."""
@@ -389,13 +443,15 @@ def account(shape: ModelShape) -> Accounting:
     peer_params = n_peer * peer.params_total if peer else 0
     peer_inactive = n_peer * (peer.params_total - peer.params_active) if peer else 0
     total = embedding + attention + mlp_params + router + peer_params + norms
-    active_expert = n_moe * k * one_expert
+    active = expected_active_experts(shape) if n_moe else 0.0
+    active_expert = round(n_moe * active * one_expert)
     # Matmul FLOPs only: 2 per multiply-add. Causal attention: each query sees s/2 keys on average,
     # so QK^T and attention-over-values cost 2*nq*d*(s/2) each, 2*nq*d*s together.
     attn_flops = shape.num_layers * (2 * h * qkv_rows + 2 * nq * d * h + 2 * nq * d * s)
     dense_mlp_flops = 2 * (g + 1) * shape.ffn_hidden_size * h
-    moe_flops = k * 2 * (g + 1) * fe * h + 2 * (g + 1) * fs * h + (2 * h if fs and shape.shared_expert_gate else 0)
-    mlp_flops = n_dense * dense_mlp_flops + n_moe * moe_flops
+    shared_flops = 2 * (g + 1) * fs * h + (2 * h if fs and shape.shared_expert_gate else 0)
+    expert_flops = round(n_moe * active * 2 * (g + 1) * fe * h)
+    mlp_flops = n_dense * dense_mlp_flops + expert_flops + n_moe * shared_flops
     router_flops = n_moe * router_flops_layer
     logits_flops = 2 * h * V
     peer_flops = n_peer * peer.flops_per_token_forward if peer else 0
@@ -430,6 +486,8 @@ def account(shape: ModelShape) -> Accounting:
         peer_retrieval_params=n_peer * peer.retrieval_params if peer else 0,
         peer_flops_per_token=peer_flops,
         peer_retrieval_flops_per_token=n_peer * peer.retrieval_flops if peer else 0,
+        active_experts=active,
+        active_experts_measured=bool(n_moe) and shape.active_experts is not None,
     )
 
 
@@ -444,12 +502,13 @@ def _peer_counts(shape: ModelShape) -> PEERCounts:
 
 def _router_terms(shape: ModelShape, h: int, E: int, k: int, bias: int) -> tuple[int, int]:
     """(parameters, forward FLOPs per token) of one MoE layer's router."""
+    outputs = E + shape.null_experts  # null experts are router outputs (and product-key grid cells)
     if shape.router_type != "product_key":
         noisy = 2 if shape.noisy_gating else 1
-        return noisy * E * h + bias * E, noisy * 2 * h * E
+        return noisy * outputs * h + bias * outputs, noisy * 2 * h * outputs
     from megatron_moe_ext.settings.router import product_key_layout
 
-    lay = product_key_layout(E, k, heads=shape.pk_heads, key_dim=shape.pk_key_dim, grid_rows=shape.pk_grid_rows)
+    lay = product_key_layout(outputs, k, heads=shape.pk_heads, key_dim=shape.pk_key_dim, grid_rows=shape.pk_grid_rows)
     Hk, D, sides = lay.heads, shape.pk_key_dim, lay.rows + lay.cols
     norm = _QUERY_NORM_AFFINE[shape.pk_query_norm] * Hk * D
     # Query W_q [Hk*D, h] (+ its bias b_q [Hk*D] with add_bias_linear; Megatron's dense router bias [E] is not
@@ -483,6 +542,9 @@ _UNSUPPORTED = {
 EXT_SHAPE_FIELDS = {
     "router_type": "moe_router_type",
     "noisy_gating": "moe_router_noisy_gating",
+    "null_experts": "moe_null_experts",
+    "ec_capacity_factor": "moe_ec_capacity_factor",
+    "relu_target_sparsity": "moe_relu_target_sparsity",
     "pk_heads": "moe_pk_heads",
     "pk_key_dim": "moe_pk_key_dim",
     "pk_grid_rows": "moe_pk_grid_rows",
@@ -563,14 +625,19 @@ def _router_kind(acc: Accounting) -> str:
         return ""
     shape = acc.shape
     noisy = ", noisy gating" if shape.noisy_gating else ""
+    null = f", +{shape.null_experts} null experts" if shape.null_experts else ""
+    if shape.router_type == "expert_choice":
+        return f"  [expert choice, capacity factor {shape.ec_capacity_factor:g}{null}]"
+    if shape.router_type == "relu":
+        return "  [ReLU gates (ReMoE)]"
     if shape.router_type != "product_key":
-        return f"  [dense top-k{noisy}]"
+        return f"  [dense top-k{noisy}{null}]"
     from megatron_moe_ext.settings.router import product_key_layout
 
-    lay = product_key_layout(acc.num_experts, acc.topk, heads=shape.pk_heads, key_dim=shape.pk_key_dim,
+    lay = product_key_layout(acc.num_experts + shape.null_experts, acc.topk, heads=shape.pk_heads, key_dim=shape.pk_key_dim,
                              grid_rows=shape.pk_grid_rows)
     return (f"  [product-key: {lay.heads} head(s) x {lay.rows}x{lay.cols} grid, d_key {shape.pk_key_dim}, "
-            f"{shape.pk_query_norm} queries{noisy}]")
+            f"{shape.pk_query_norm} queries{noisy}{null}]")
 
 
 def _peer_kind(acc: Accounting) -> str:
@@ -583,6 +650,20 @@ def _peer_kind(acc: Accounting) -> str:
     return (f"{acc.num_peer_layers} ({which} {numbers}: {shape.peer_num_experts} experts = {peer.grid}x{peer.grid}, "
             f"{shape.peer_heads} head(s) x top-{shape.peer_topk}, G={acc.peer_granularity}, d_key {shape.peer_key_dim}, "
             f"sub-key top-{peer.subkey_topk}, {shape.peer_query_norm} queries{dense})")
+
+
+def _active_note(acc: Accounting) -> str:
+    """Experts per token behind the expert FLOPs, and where the number comes from."""
+    if not acc.num_moe_layers:
+        return ""
+    shape = acc.shape
+    if acc.active_experts_measured:
+        return f"  [{acc.active_experts:g} active experts/token, measured (--active-experts)]"
+    if shape.router_type in ("topk", "product_key") and not shape.null_experts:
+        return ""
+    how = {"expert_choice": "capacity factor x top-k", "relu": "(1 - target sparsity) x experts"}.get(
+        shape.router_type, "top-k x experts / (experts + null experts), balanced routing")
+    return f"  [{acc.active_experts:.4g} active experts/token, nominal: {how}; measured: --active-experts]"
 
 
 def format_report(acc: Accounting) -> str:
@@ -605,7 +686,7 @@ def format_report(acc: Accounting) -> str:
         ("  norms", _params(acc.norm_params)),
         ("forward / token", _flops(acc.forward_flops_per_token)),
         ("  attention", _flops(acc.attention_flops_per_token)),
-        ("  mlp/experts", _flops(acc.mlp_flops_per_token)),
+        ("  mlp/experts", _flops(acc.mlp_flops_per_token) + _active_note(acc)),
         ("  router", _flops(acc.router_flops_per_token)),
         *([("  peer", _flops(acc.peer_flops_per_token) + f"  [retrieval {acc.peer_retrieval_flops_per_token:,}]")]
           if has_peer else []),

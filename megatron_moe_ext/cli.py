@@ -36,6 +36,12 @@ def _compare(argv: Sequence[str]) -> int:
     return compare_main(argv)
 
 
+def _dynamics(argv: Sequence[str]) -> int:
+    from megatron_moe_ext.analysis.dynamics_cli import main
+
+    return main(argv)
+
+
 def _export_hf(argv: Sequence[str]) -> int:
     from megatron_moe_ext.checkpoint.hf_export import main
 
@@ -73,6 +79,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "launch": (_launch, "run an unmodified Megatron-LM pretrain_gpt.py with our flags, config and specs (no patch)"),
     "analyze": (_analyze, "routing analysis of a checkpoint on your data: trace, statistics, plots, report"),
     "compare": (_compare, "two or more checkpoints side by side on the same tokens (routing, CKA of hidden states)"),
+    "dynamics": (_dynamics, "router saturation over a run's routing checkpoints (train --routing-checkpoints)"),
     "export-hf": (_export_hf, "torch_dist checkpoint -> Hugging Face folder (native target if exact, else remote code)"),
     "import-hf": (_import_hf, "Hugging Face folder (an export-hf target) -> torch_dist checkpoint train can --load"),
     "flops": (_flops, "parameters and FLOPs per token (total/active, router term) for Megatron model flags [--json]"),
@@ -83,7 +90,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
 
 
 # Sub-commands that import megatron-core (export-hf reads checkpoints with torch alone).
-NEEDS_MEGATRON = frozenset({"train", "launch", "analyze", "compare", "import-hf", "flops"})
+NEEDS_MEGATRON = frozenset({"train", "launch", "analyze", "compare", "dynamics", "import-hf", "flops"})
 
 
 def quiet_cpu_host() -> None:

@@ -92,3 +92,14 @@ def analysis_args(args: argparse.Namespace, *, tp: int, ep: int, world_size: int
         a.transformer_impl = "local"
         a.gradient_accumulation_fusion = False
     return a
+
+
+def model_facts(args: argparse.Namespace):
+    """The facts the intervention checks need (``interventions_options.ModelFacts``), from the saved arguments."""
+    from megatron_moe_ext.analysis.interventions_options import ModelFacts
+    from megatron_moe_ext.args import saved_arg
+
+    return ModelFacts(layers=routed_layers(args), num_experts=args.num_experts,
+                      topk=args.moe_router_topk if args.num_experts is not None else None,
+                      router_type=str(saved_arg(args, "moe_router_type") or "topk"),
+                      peer_num_experts=saved_arg(args, "moe_peer_num_experts"))

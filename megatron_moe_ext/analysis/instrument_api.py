@@ -11,6 +11,10 @@ token windows, batch by batch, on every rank. An :class:`Instrument` rides along
    that have a next token). ``rerun()`` runs the model again on the same batch and returns the per-token loss:
    an intervention arms its hooks, calls ``rerun()``, disarms them. EVERY rank must call ``rerun`` the same number
    of times per batch (TP/EP collectives), so that number may depend only on the plan, never on local data.
+   Optional: an instrument that defines ``calibrate(batch, clean_loss_BS)`` gets a clean pass of its own over
+   every batch before the traced pass (e.g. the global load of each expert, the most frequent routing paths),
+   unless its ``needs_calibration`` attribute is False (decided in ``attach``; the same on every rank);
+   ``detach()``, when defined, is called once at the end to remove hooks.
 3. ``result()`` once at the end, on every rank (collectives allowed: gather over ``env.data_parallel_group``
    etc.); rank 0 returns a JSON-able dict, the other ranks return None.
 
@@ -54,6 +58,23 @@ class RankEnv:
     label_names: tuple[str, ...]
     seed: int
     options: dict[str, Any]  # instrument options from the command line (name -> value), e.g. {"ablate_top_m": 2}
+    tensor_parallel_rank: int = 0
+    tensor_parallel_group: Any = None  # torch.distributed ProcessGroup (None: TP 1)
+    model_args: Any = None  # the Megatron namespace the model was built from (analysis layout)
+
+
+def router_rows(batch: Batch, env: RankEnv, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(window_T, position_T) of the ``rows`` token rows a router (or PEER layer) sees on this rank: Megatron's
+    s-major order [S_loc, B] over this rank's windows, S_loc = S / TP under sequence parallelism (this TP rank's
+    consecutive slice), S otherwise. Seeds and per-token statistics use these, never the rank."""
+    B = len(batch.window_ids_B)
+    if rows % B:
+        raise ValueError(f"{rows} router rows are not a multiple of the micro-batch {B}")
+    S_loc = rows // B
+    first = env.tensor_parallel_rank * S_loc if env.sequence_parallel and S_loc != env.seq_length else 0
+    position_T = np.repeat(np.arange(first, first + S_loc, dtype=np.int64), B)
+    window_T = np.tile(np.asarray(batch.window_ids_B, dtype=np.int64), S_loc)
+    return window_T, position_T
 
 
 @dataclasses.dataclass(frozen=True)

@@ -199,3 +199,28 @@ def plot_cka(cka: CKAResult, path: str | os.PathLike[str], *, name_a: str = "a",
 
 
 __all__ = ["plot_cka", "plot_expert_load", "plot_load_balance", "plot_path_diversity", "plot_specialisation"]
+
+
+def plot_dynamics(doc: Mapping[str, Any], path: str | os.PathLike[str], *, title: str = "") -> str:
+    """Three panels against training tokens, one line per layer: router saturation (share of each token's top-k
+    the final checkpoint also selects; dotted: chance k / N), total-variation distance of the load from the final
+    load, and the corrected top-1 expert / label MI. ``doc`` is :func:`dynamics.dynamics_json`. Returns ``path``."""
+    fig = _figure(8, 9)
+    tokens = np.asarray(doc["tokens"], dtype=np.float64)
+    panels = (("saturation", "router saturation (top-k overlap with final)"),
+              ("load_distance", "load: TV distance from final"),
+              ("label_mi_corrected", "label MI of top-1 expert (nats, corrected)"))
+    for i, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(3, 1, i + 1)
+        for j, (layer, curves) in enumerate(doc["layers"].items()):
+            y = np.array([np.nan if v is None else v for v in curves[key]], dtype=np.float64)
+            line = ax.plot(tokens, y, marker="o", label=f"layer {layer}")[0]
+            if key == "saturation" and curves["chance_saturation"] is not None:
+                ax.axhline(curves["chance_saturation"], color=line.get_color(), linestyle=":", linewidth=1)
+        ax.set_ylabel(label, fontsize="small")
+        if key == "saturation":
+            ax.set_ylim(0, 1.05)
+            ax.legend(fontsize="small")
+    ax.set_xlabel("training tokens (iteration x global batch x sequence length)")
+    fig.suptitle(title or "routing over training")
+    return _save(fig, path)

@@ -34,6 +34,7 @@ from megatron_moe_ext.analysis.summary import (
     Summary,
     TraceMismatchError,
     cka_compatible,
+    fmt,
     self_cka,
     summarize_trace,
     trace_cka,
@@ -44,19 +45,6 @@ REPORT_VERSION = 1
 REPORT_FILE = "report.md"
 SUMMARY_FILE = "summary.json"
 FIGURES_DIR = "figures"
-
-
-def fmt(value: Any) -> str:
-    """How report.md prints a summary.json value: ints as is, floats with 6 significant digits, None as n/a."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
 
 
 def _slug(name: str) -> str:
@@ -210,14 +198,76 @@ def _markdown(doc: dict[str, Any]) -> str:
     return "\n".join(md)
 
 
+def _section_module(name: str) -> Any | None:
+    """The module that renders instrument ``name`` (``instrument_api``'s registries), or None if unknown."""
+    import importlib
+
+    from megatron_moe_ext.analysis.instrument_api import INSTRUMENTS, TRACE_READOUTS
+
+    entry = INSTRUMENTS.get(name) or TRACE_READOUTS.get(name)
+    return None if entry is None else importlib.import_module(entry.split(":")[0])
+
+
+def _demote(text: str, levels: int) -> str:
+    """Markdown headings moved ``levels`` levels down (a section nested under a model's heading)."""
+    return "\n".join("#" * levels + line if line.startswith("#") else line for line in text.split("\n"))
+
+
+def _instrument_markdown(doc: dict[str, Any], tmp: str) -> str:
+    """One section per instrument any model ran (in the registries' order, unknown names last). Analyze: the
+    instrument module's ``report_section(result, figures_dir)`` as it is (under ``## NAME`` when it has no heading
+    of its own); compare: ``## NAME`` with a ``### model`` part per model, the module's headings two levels down.
+    Figures go to a directory of their own per (instrument, model), ``figures/NAME-i-MODEL/``, and the section's
+    ``figures/X`` links are pointed there. A ``{"not_applicable": reason}`` result prints the reason."""
+    from megatron_moe_ext.analysis.instrument_api import INSTRUMENTS, TRACE_READOUTS
+
+    models: dict[str, Any] = doc["models"]
+    compare = doc["mode"] == "compare"
+    order = [*INSTRUMENTS, *TRACE_READOUTS]
+    names = sorted({n for m in models.values() for n in m.get("instruments", [])},
+                   key=lambda n: (order.index(n) if n in order else len(order), n))
+    md: list[str] = []
+    for name in names:
+        module = _section_module(name)
+        if compare:
+            md += [f"## {name}", ""]
+        for i, (model, m) in enumerate(models.items()):
+            if name not in m:
+                continue
+            result = m[name]
+            if isinstance(result, dict) and "not_applicable" in result:
+                text = f"Not applicable: {result['not_applicable']}"
+            elif module is None or not hasattr(module, "report_section"):
+                text = f"(no renderer for `{name}`; the result is in `{SUMMARY_FILE}`)"
+            else:
+                sub = f"{_slug(name)}-{i}-{_slug(model)}"
+                fig_dir = os.path.join(tmp, FIGURES_DIR, sub)
+                os.mkdir(fig_dir)
+                text = module.report_section(result, fig_dir)
+                for f in sorted(os.listdir(fig_dir), key=len, reverse=True):
+                    text = text.replace(f"]({FIGURES_DIR}/{f})", f"]({FIGURES_DIR}/{sub}/{f})")
+                if not os.listdir(fig_dir):
+                    os.rmdir(fig_dir)
+            text = text.strip("\n")
+            if compare:
+                md += [f"### `{model}`", "", _demote(text, 2), ""]
+            else:
+                md += ([] if text.startswith("#") else [f"## {name}", ""]) + [text, ""]
+    return "\n".join(md)
+
+
 def write_report(summaries: Mapping[str, Summary], out_dir: str | os.PathLike[str],
                  cka: Mapping[tuple[str, str], CKAResult | Any] | None = None, title: str = "Routing analysis",
-                 *, cka_skipped: Mapping[tuple[str, str], str] | None = None) -> str:
+                 *, cka_skipped: Mapping[tuple[str, str], str] | None = None,
+                 roles: Mapping[str, str] | None = None) -> str:
     """Writes ``out_dir``/report.md, summary.json and figures/*.png for the models in ``summaries`` (one: analyze,
     several: compare, in the mapping's order). ``cka`` maps (name_a, name_b) to a :class:`CKAResult` (or a bare
     [La, Lb] matrix); (name, name) is a self-similarity. ``cka_skipped`` maps pairs to why no CKA was computed.
     Refuses an existing ``out_dir``; built in a temporary sibling and renamed at the end, so a failure leaves
-    nothing behind. Returns the path of report.md."""
+    nothing behind. Each model's instrument results (``Summary.instruments``) go into summary.json under their
+    names and get a section each. ``roles`` (model name -> "moe", "dense_equal_compute", "dense_equal_params":
+    a sweep, :func:`questions_report.sweep_models`) adds the five research questions' section
+    (:func:`questions_report.questions_section`). Returns the path of report.md."""
     if not summaries:
         raise ValueError("summaries is empty: a report needs at least one model; fix: {name: summarize_trace(dir)}")
     for name, s in summaries.items():
@@ -264,10 +314,17 @@ def write_report(summaries: Mapping[str, Summary], out_dir: str | os.PathLike[st
         doc = _document(summaries, entries, title, skipped, figures)
         for c, rel in zip(doc["cka"], cka_figs):
             c["figure"] = rel
+        text = _markdown(doc)
+        sections = _instrument_markdown(doc, tmp)
+        if roles is not None:
+            from megatron_moe_ext.analysis.questions_report import questions_section
+
+            doc["roles"] = dict(roles)
+            sections += "\n" + questions_section(doc["models"], dict(roles), cka=doc["cka"])
         with open(os.path.join(tmp, SUMMARY_FILE), "w") as f:
             json.dump(doc, f, indent=1, allow_nan=False)
         with open(os.path.join(tmp, REPORT_FILE), "w") as f:
-            f.write(_markdown(doc))
+            f.write(text + ("\n" + sections if sections.strip() else ""))
         # Checked again: the directory may have appeared while the report was built.
         _check_out_dir(out)
         os.rename(tmp, out)
@@ -280,12 +337,13 @@ def write_report(summaries: Mapping[str, Summary], out_dir: str | os.PathLike[st
 def analyze_traces(trace_dirs: Mapping[str, str | os.PathLike[str]], out_dir: str | os.PathLike[str], *,
                    cka: bool = True, progress: bool = False, title: str | None = None,
                    position_buckets: int = DEFAULT_POSITION_BUCKETS, mode: str = "top1",
-                   debiased: bool = False, display_dirs: Mapping[str, str] | None = None) -> str:
+                   debiased: bool = False, display_dirs: Mapping[str, str] | None = None,
+                   roles: Mapping[str, str] | None = None) -> str:
     """Summarises every trace (name -> trace directory), computes linear CKA between every pair of traces whose
     hidden states cover the same tokens (pairs that do not are listed as skipped with the reason) and each
     trace's own layers against each other (when it recorded >= 2), and writes the report (:func:`write_report`).
     ``display_dirs`` (name -> path) is what the report shows as each trace's location, for callers that move the
-    traces after the report is written. Returns the path of report.md."""
+    traces after the report is written. ``roles`` as :func:`write_report`. Returns the path of report.md."""
     if not trace_dirs:
         raise ValueError("trace_dirs is empty; fix: {name: trace_dir} for one (analyze) or more (compare) models")
     _check_out_dir(out_dir)  # fail before the (long) passes over the traces
@@ -310,7 +368,7 @@ def analyze_traces(trace_dirs: Mapping[str, str | os.PathLike[str]], out_dir: st
                 skipped[(a, b)] = why
     mode_title = "Routing analysis" if len(summaries) == 1 else "Routing comparison"
     return write_report(summaries, out_dir, results, title or f"{mode_title}: {', '.join(summaries)}",
-                        cka_skipped=skipped)
+                        cka_skipped=skipped, roles=roles)
 
 
 __all__ = ["analyze_traces", "fmt", "write_report"]

@@ -7,6 +7,12 @@ gate, so column 0 is the top-1) and ``gates_TK``. A PEER layer never forms [T, N
 1-expert layer (top-1, gate 1: a dense FFN is exactly that), so that hidden states of dense and MoE models can be
 compared layer by layer.
 
+Routers with a variable number of experts per token (issue #22: expert choice, ReLU) are recorded with K = the
+most a token can get (N for ReLU, N + M for expert choice), each row's selections first (by gate), the rest padded
+with id -1 and gate 0 (``trace_format.EMPTY_SLOT``). Null experts (``--moe-null-experts M``) are recorded as ids
+N..N+M-1 from the router's ``last_null_selection = (null_map_TM, null_probs_TM)``, which every router with null
+experts stores each forward; the null gate is the router's probability of that null slot.
+
 Every rank sees its own tokens: its data-parallel share of the batch and, under sequence parallelism, its slice
 of the sequence. :meth:`RoutingRecorder.gather` puts them back in (sample, position) order on rank 0.
 
@@ -29,10 +35,42 @@ class RecordedLayer:
 
     layer: int
     kind: str  # 'moe' (a router), 'peer' or 'dense'
-    num_experts: int
-    top_k: int
+    num_experts: int  # N real experts
+    top_k: int  # K slots per row (variable: the most a token can get)
     num_heads: int
     hidden_size: int | None
+    null_experts: int = 0  # M: ids N..N+M-1
+    variable: bool = False  # rows may hold fewer than K selections (padded with -1, gate 0)
+
+
+def selections_from_map(probs_TE: torch.Tensor, map_TE: torch.Tensor, k: int, *,
+                        pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids_TK, gates_TK) of a dense router output: each row's selected columns ordered by gate (ties by id,
+    as torch.topk breaks them). ``pad``: rows with fewer than K selections end in id -1, gate 0; else the
+    K largest are taken (a row short of K, e.g. a padding token, is completed by unselected ids, gate 0)."""
+    # Probabilities outside the routing map are zero; ranking by them inside the map gives the router's choice.
+    masked_TE = torch.where(map_TE, probs_TE.float(), torch.full_like(probs_TE, -1.0, dtype=torch.float32))
+    gates_TK, ids_TK = masked_TE.topk(k, dim=-1)
+    gates_TK = gates_TK.clamp_min(0.0)
+    if pad:
+        chosen_TK = map_TE.gather(1, ids_TK)
+        ids_TK = torch.where(chosen_TK, ids_TK, torch.full_like(ids_TK, -1))
+        gates_TK = torch.where(chosen_TK, gates_TK, torch.zeros_like(gates_TK))
+    return ids_TK, gates_TK
+
+
+def _router_layer(module: torch.nn.Module, hidden: bool) -> RecordedLayer:
+    """The record of a TopKRouter (or subclass): N real experts (``num_real_experts`` where the router's own
+    config counts N + M), M null experts, and K: top-k, or the most a token can get for variable routers."""
+    from megatron_moe_ext.settings import ext_settings
+
+    router = ext_settings(module.config).router
+    m = router.null_experts
+    n = getattr(module, "num_real_experts", module.config.num_moe_experts)
+    variable = router.router_type in ("expert_choice", "relu")
+    k = n + m if variable else module.topk
+    return RecordedLayer(_layer_number(module), "moe", n, k, 1, module.config.hidden_size if hidden else None,
+                         null_experts=m, variable=variable)
 
 
 def _layer_number(module: torch.nn.Module) -> int:
@@ -62,9 +100,7 @@ class RoutingRecorder:
         self._peers: list[Any] = []
         for module in model.modules():
             if isinstance(module, TopKRouter):
-                number = _layer_number(module)
-                self._add(RecordedLayer(number, "moe", module.config.num_moe_experts, module.topk, 1,
-                                        module.config.hidden_size if hidden else None))
+                self._add(_router_layer(module, hidden))
                 self._handles.append(module.register_forward_hook(self._router_hook))
             elif isinstance(module, PEERLayer):
                 number = _layer_number(module)
@@ -96,14 +132,19 @@ class RoutingRecorder:
 
     # -- hooks (this rank's tokens, [S_loc * B] rows in Megatron's s-major order) -----------------------------
     def _router_hook(self, module: torch.nn.Module, inputs: tuple, output: tuple) -> None:
-        probs_TN, map_TN = output[0], output[1]
-        k = module.topk
-        # Probabilities outside the routing map are zero; ranking by them inside the map gives the router's choice
-        # ordered by gate (ties among selected experts break by id, as torch.topk does).
-        masked_TN = torch.where(map_TN.bool(), probs_TN.float(), torch.full_like(probs_TN, -1.0, dtype=torch.float32))
-        gates_TK, ids_TK = masked_TN.topk(k, dim=-1)
+        spec = self.layers[_layer_number(module)]
+        probs_TE, map_TE = output[0].float(), output[1].bool()
+        if spec.null_experts:
+            null = getattr(module, "last_null_selection", None)
+            if null is None:
+                raise RuntimeError(f"layer {spec.layer}: a router with {spec.null_experts} null experts stored no "
+                                   "last_null_selection in this forward")
+            null_map_TM, null_probs_TM = null
+            probs_TE = torch.cat([probs_TE, null_probs_TM.float().to(probs_TE.device)], dim=-1)
+            map_TE = torch.cat([map_TE, null_map_TM.bool().to(map_TE.device)], dim=-1)
+        ids_TK, gates_TK = selections_from_map(probs_TE, map_TE, spec.top_k, pad=spec.variable)
         hidden_TD = inputs[0].reshape(-1, inputs[0].shape[-1]) if self.hidden else None
-        self._local[_layer_number(module)] = (ids_TK, gates_TK.clamp_min(0.0), hidden_TD)
+        self._local[spec.layer] = (ids_TK, gates_TK, hidden_TD)
 
     def _peer_observer(self, layer: torch.nn.Module, x_TD: torch.Tensor, ids_TK: torch.Tensor,
                        gates_TK: torch.Tensor) -> None:

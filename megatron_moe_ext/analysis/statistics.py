@@ -18,6 +18,14 @@ Conventions shared by several statistics:
   bias and the corrected value; treat MI values within a few times the bias of 0 as "no dependence". The bias is
   large when Kx Ky is comparable to S (e.g. MI with token identity at a million experts): read such numbers
   relative to a shuffled-label baseline, not in absolute terms.
+* **Variable experts per token** (expert choice, ReLU routing, null experts; trace format version 2): a row may
+  hold fewer than K selections, padded with id -1 (``EMPTY``) and gate 0; null experts are ids N..N+M-1, so
+  statistics over all router outputs take ``num_experts`` = N + M. Loads count only used slots (-1 is never
+  counted; null experts are counted where the caller includes them). The top-1 of a token with no expert is -1,
+  a value of its own ("no expert") in MI and paths. ``"pairs"`` MI uses each token's used slots only, weight
+  1/(K_t J_t) with K_t, J_t its own counts, and one sample (-1) of weight 1 for a token without any. A ``"set"``
+  path is the token's set of experts (of any size), so its maximum count is prod_l sum_{j<=K_l} C(N_l, j) for
+  variable layers.
 * **Selection modes** for MI between a routing choice and another variable: ``"top1"`` uses one sample per token
   (its top-1 expert); ``"pairs"`` uses every selection (every pair of selections for two layers), each weighted
   1/(number of samples of that token) so that each token still weighs 1 and S = T for the bias.
@@ -33,6 +41,7 @@ from typing import Any
 import numpy as np
 
 _MODES = ("top1", "pairs")
+EMPTY = -1  # an unused slot of a variable layer (trace_format.EMPTY_SLOT)
 _DENSE_LIMIT = 2**28  # elements of a dense count matrix (2 GiB of fp64); larger needs the sparse accumulator
 
 
@@ -60,9 +69,10 @@ def _ids(x: Any, name: str, num_experts: int | None = None, rows: int | None = N
     a = a.astype(np.int64, copy=False)
     if num_experts is not None:
         _positive_int(num_experts, "num_experts")
-        if a.size and (a.min() < 0 or a.max() >= num_experts):
-            raise ValueError(f"{name} spans [{a.min()}, {a.max()}], outside [0, num_experts={num_experts}); fix: "
-                             f"global expert ids, or the layer's true num_experts")
+        if a.size and (a.min() < EMPTY or a.max() >= num_experts):
+            raise ValueError(f"{name} spans [{a.min()}, {a.max()}], outside [0, num_experts={num_experts}) (-1: an "
+                             f"empty slot); fix: global expert ids, or the layer's true num_experts (N + M with "
+                             f"null experts)")
     return a
 
 
@@ -109,9 +119,33 @@ def top1(expert_ids_TK: Any, gates_TK: Any = None) -> np.ndarray:
 
 
 def expert_counts(expert_ids_TK: Any, num_experts: int) -> np.ndarray:
-    """counts_N (int64): how many of the T*K selections went to each expert."""
+    """counts_N (int64): how many of the T*K selections went to each expert (empty slots, -1, not counted)."""
     ids_TK = _ids(expert_ids_TK, "expert_ids_TK", num_experts)
-    return np.bincount(ids_TK.ravel(), minlength=num_experts).astype(np.int64)
+    ids = ids_TK.ravel()
+    return np.bincount(ids[ids != EMPTY], minlength=num_experts).astype(np.int64)
+
+
+def experts_per_token(expert_ids_TK: Any, num_real: int) -> np.ndarray:
+    """count_T (int64): real experts each token visited, ids in [0, num_real) (null experts, ids >= num_real, and
+    empty slots are not counted): the compute a token spent, in experts."""
+    ids_TK = _ids(expert_ids_TK, "expert_ids_TK")
+    _positive_int(num_real, "num_real")
+    return ((ids_TK >= 0) & (ids_TK < num_real)).sum(axis=1).astype(np.int64)
+
+
+def experts_per_token_histogram(expert_ids_TK: Any, num_real: int) -> np.ndarray:
+    """hist_J (int64), J = K + 1: hist[j] = tokens that visited exactly j real experts (:func:`experts_per_token`)."""
+    ids_TK = _ids(expert_ids_TK, "expert_ids_TK")
+    return np.bincount(experts_per_token(ids_TK, num_real), minlength=ids_TK.shape[1] + 1).astype(np.int64)
+
+
+def null_fraction(expert_ids_TK: Any, num_real: int) -> float:
+    """Null selections / all selections (empty slots excluded), the share of slots that spent no compute
+    (MoE++, Jin et al. 2025; the metric the routers log as ``null_fraction``). NaN without selections."""
+    ids_TK = _ids(expert_ids_TK, "expert_ids_TK")
+    _positive_int(num_real, "num_real")
+    used = int((ids_TK != EMPTY).sum())
+    return float("nan") if used == 0 else float((ids_TK >= num_real).sum() / used)
 
 
 def _counts(counts_N: Any) -> np.ndarray:
@@ -322,7 +356,21 @@ def routing_pairs(x_TK: Any, y: Any, mode: str = "top1", gates_x_TK: Any = None,
     K, J = x_ids.shape[1], y_ids.shape[1]
     xs = np.repeat(x_ids, J, axis=1).ravel()  # [T, K*J]: x_k repeated for each y_j
     ys = np.tile(y_ids, (1, K)).ravel()
-    return xs, ys, np.full(xs.shape[0], 1.0 / (K * J))
+    if not ((x_ids == EMPTY).any() or (not y_is_value and (y_ids == EMPTY).any())):
+        return xs, ys, np.full(xs.shape[0], 1.0 / (K * J))
+    # Variable rows (module doc): used slots only, weight 1/(K_t J_t); a token without any keeps one -1 sample.
+    x_used = _used_slots(x_ids)
+    y_used = np.ones_like(y_ids, dtype=bool) if y_is_value else _used_slots(y_ids)
+    keep = (np.repeat(x_used, J, axis=1) & np.tile(y_used, (1, K))).ravel()
+    w_T = 1.0 / (x_used.sum(1) * y_used.sum(1))
+    return xs[keep], ys[keep], np.repeat(w_T, K * J)[keep]
+
+
+def _used_slots(ids_TK: np.ndarray) -> np.ndarray:
+    """used_TK (bool): the non-empty slots, and column 0 of a row without any (its -1 stands for "no expert")."""
+    used_TK = ids_TK != EMPTY
+    used_TK[:, 0] |= ~used_TK.any(axis=1)
+    return used_TK
 
 
 def routing_dependence(expert_ids_a_TK: Any, expert_ids_b_TJ: Any, gates_a_TK: Any = None, gates_b_TJ: Any = None,
@@ -380,8 +428,9 @@ def expert_label_counts(expert_ids_TK: Any, labels_T: Any, num_experts: int, num
     if num_experts * num_labels > _DENSE_LIMIT:
         raise ValueError(f"num_experts * num_labels = {num_experts * num_labels} > {_DENSE_LIMIT} entries; fix: a "
                          f"JointCountAccumulator(num_experts, num_labels) keeps only the pairs seen")
-    codes = ids_TK * num_labels + labels[:, None]
-    return np.bincount(codes.ravel(), minlength=num_experts * num_labels).reshape(num_experts, num_labels)
+    codes = (ids_TK * num_labels + labels[:, None]).ravel()
+    codes = codes[ids_TK.ravel() != EMPTY]
+    return np.bincount(codes, minlength=num_experts * num_labels).reshape(num_experts, num_labels)
 
 
 # --------------------------------------------------------------------------------------------- path diversity
@@ -394,7 +443,8 @@ class PathDiversity:
     ``per_token`` = distinct / T (1 when every token took its own path); ``of_max`` = distinct / min(T,
     max_paths), the fraction of the achievable distinct paths that were realised (1 = as diverse as possible
     for T tokens). ``max_paths`` (exact Python int, may be astronomically large) is prod_l N_l (top-1 paths) or
-    prod_l C(N_l, K_l) (set paths)."""
+    prod_l C(N_l, K_l) (set paths; prod_l sum_{j<=K_l} C(N_l, j) for variable layers, N_l + 1 top-1 choices
+    with "no expert")."""
 
     distinct: int
     num_tokens: int
@@ -428,11 +478,18 @@ def path_keys(expert_ids_by_layer: Sequence[Any], gates_by_layer: Sequence[Any] 
     return np.concatenate(parts, axis=1)
 
 
-def _max_paths(num_experts_by_layer: Sequence[int], top_k_by_layer: Sequence[int] | None, mode: str) -> int:
+def _max_paths(num_experts_by_layer: Sequence[int], top_k_by_layer: Sequence[int] | None, mode: str,
+               variable_by_layer: Sequence[bool] | None = None) -> int:
     total = 1
     for l, n in enumerate(num_experts_by_layer):
         n = _positive_int(n, f"num_experts_by_layer[{l}]")
-        total *= n if mode == "top1" else math.comb(n, top_k_by_layer[l])
+        variable = bool(variable_by_layer and variable_by_layer[l])
+        if mode == "top1":
+            total *= n + 1 if variable else n
+        elif variable:
+            total *= sum(math.comb(n, j) for j in range(top_k_by_layer[l] + 1))
+        else:
+            total *= math.comb(n, top_k_by_layer[l])
     return total
 
 
@@ -440,8 +497,10 @@ class PathDiversityAccumulator:
     """Streaming :func:`path_diversity` for one window of layers. Memory O(distinct paths * P) (the distinct
     rows themselves: exact, no hashing), independent of N."""
 
-    def __init__(self, num_experts_by_layer: Sequence[int], mode: str = "top1") -> None:
+    def __init__(self, num_experts_by_layer: Sequence[int], mode: str = "top1",
+                 variable_by_layer: Sequence[bool] | None = None) -> None:
         self.num_experts_by_layer = list(num_experts_by_layer)
+        self.variable_by_layer = None if variable_by_layer is None else list(variable_by_layer)
         if not self.num_experts_by_layer:
             raise ValueError("num_experts_by_layer is empty: a path needs at least one layer")
         self.mode = mode
@@ -469,17 +528,18 @@ class PathDiversityAccumulator:
         if self.num_tokens == 0 or self._distinct is None:
             raise ValueError("no tokens seen: path diversity needs at least one token")
         d = int(self._distinct.shape[0])
-        max_paths = _max_paths(self.num_experts_by_layer, self.top_k_by_layer, self.mode)
+        max_paths = _max_paths(self.num_experts_by_layer, self.top_k_by_layer, self.mode, self.variable_by_layer)
         return PathDiversity(d, self.num_tokens, d / self.num_tokens, d / min(self.num_tokens, max_paths),
                              max_paths, len(self.num_experts_by_layer), self.mode)
 
 
 def path_diversity(expert_ids_by_layer: Sequence[Any], num_experts_by_layer: Sequence[int],
-                   gates_by_layer: Sequence[Any] | None = None, mode: str = "top1") -> PathDiversity:
+                   gates_by_layer: Sequence[Any] | None = None, mode: str = "top1",
+                   variable_by_layer: Sequence[bool] | None = None) -> PathDiversity:
     """Distinct expert paths across the given consecutive layers (a window of L = len(...) layers); see
     :class:`PathDiversity` for the normalisations and :func:`path_keys` for what a path is. E.g. identical top-1
     routing in every layer, with all N experts used, gives distinct = N whatever L."""
-    acc = PathDiversityAccumulator(num_experts_by_layer, mode)
+    acc = PathDiversityAccumulator(num_experts_by_layer, mode, variable_by_layer)
     acc.update(expert_ids_by_layer, gates_by_layer)
     return acc.result()
 

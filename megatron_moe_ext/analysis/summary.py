@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import os
 import sys
@@ -39,6 +40,8 @@ from megatron_moe_ext.analysis.statistics import (
     PathDiversityAccumulator,
     bucket_positions,
     effective_experts,
+    experts_per_token_histogram,
+    load_stats,
     routing_pairs,
 )
 from megatron_moe_ext.analysis.trace_format import TraceReader
@@ -48,6 +51,9 @@ TOP_EXPERTS = 32  # experts listed by load, and rows of the expert x label matri
 MAX_MATRIX_LABELS = 64  # label columns of the expert x label matrix (most frequent labels)
 DEFAULT_POSITION_BUCKETS = 16
 DEFAULT_CKA_BYTES = 2**31  # fp64 moment matrices held at once by trace_cka; more pairs take more passes
+INSTRUMENTS_FILE = "instruments.json"  # {name: result} of the rank-side instruments, written by capture
+_SUMMARY_KEYS = frozenset({"trace_dir", "num_tokens", "has_labels", "mode", "position_buckets", "max_position",
+                           "hidden_layers", "label_names", "layers", "dependence", "path_diversity", "instruments"})
 
 
 # --------------------------------------------------------------------------------------------- result types
@@ -97,6 +103,18 @@ class LayerSummary:
     label_matrix: LabelMatrix | None
     head_overlap: float | None
     effective: EffectiveExperts | None
+    # Variable experts per token (trace format 2): ``load``, histogram and top experts cover the N real experts;
+    # experts_per_token_J[j] = tokens that visited exactly j real experts; null_fraction = null slots / used slots.
+    null_experts: int = 0
+    variable: bool = False
+    experts_per_token_J: np.ndarray | None = None
+    null_fraction: float | None = None
+
+    @property
+    def mean_active_experts(self) -> float | None:
+        """Mean real experts per token (what ``flops --active-experts`` takes)."""
+        h = self.experts_per_token_J
+        return None if h is None or not h.sum() else float((np.arange(h.shape[0]) * h).sum() / h.sum())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +151,8 @@ class Summary:
     hidden_layers: list[int]
     # Names of the label values, when the trace's writer recorded them (metadata "label_names").
     label_names: list[str] = dataclasses.field(default_factory=list)
+    # Results of the instruments (interventions, readouts) by name: :func:`instrument_results`.
+    instruments: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def layer(self, layer: int) -> LayerSummary:
         for s in self.layers:
@@ -149,6 +169,7 @@ class Summary:
             "layers": [_layer_json(s) for s in self.layers],
             "dependence": [{"layer_a": d.layer_a, "layer_b": d.layer_b, **mi_json(d.mi)} for d in self.dependence],
             "path_diversity": [path_json(p) for p in self.paths],
+            "instruments": sorted(self.instruments), **self.instruments,
         })
 
 
@@ -216,10 +237,27 @@ def _layer_json(s: LayerSummary) -> dict[str, Any]:
             "load_histogram": {"bin_edges": s.bin_edges_B1, "counts": s.histogram_B},
             "top_experts": {"experts": s.top_experts_E, "counts": s.top_counts_E},
             "specialisation": {k: mi_json(v) for k, v in s.specialisation.items()},
-            "label_matrix": lm, "head_overlap": s.head_overlap, "effective_experts": eff}
+            "label_matrix": lm, "head_overlap": s.head_overlap, "effective_experts": eff,
+            "null_experts": s.null_experts, "variable": s.variable, "null_fraction": s.null_fraction,
+            "experts_per_token": None if s.experts_per_token_J is None else {
+                "histogram": s.experts_per_token_J, "mean": s.mean_active_experts}}
 
 
 # ---------------------------------------------------------------------------------------------- small helpers
+
+
+def fmt(value: Any) -> str:
+    """How report.md prints a summary.json value: ints as is, floats with 6 significant digits, None as n/a."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
 
 
 def bin_counts(counts_N: np.ndarray, max_bins: int = MAX_HISTOGRAM_BINS) -> tuple[np.ndarray, np.ndarray]:
@@ -283,8 +321,12 @@ class _LayerAccumulators:
 
     def __init__(self, spec: Any, scan: _TokenScan, position_buckets: int) -> None:
         self.spec = spec
-        N = spec.num_experts
-        self.load = ExpertLoadAccumulator(N)
+        # Ids of a layer with null experts or empty slots (-1) enter the MI accumulators shifted by one: MI does
+        # not depend on the labelling, and -1 ("no expert") becomes a category of its own.
+        self.shift = 1 if spec.variable or spec.null_experts else 0
+        N = spec.num_experts + spec.null_experts + self.shift
+        self.load = ExpertLoadAccumulator(spec.num_experts + spec.null_experts)
+        self.per_token_J = np.zeros(spec.top_k + 1, dtype=np.int64)
         self.token_mi = JointCountAccumulator(N, scan.max_token - scan.min_token + 1)
         self.position_mi = JointCountAccumulator(N, position_buckets)
         self.label_mi = self.label_pairs = None
@@ -320,10 +362,11 @@ def summarize_trace(trace_dir: str | os.PathLike[str], *, position_buckets: int 
     scan = _scan_tokens(reader)
     specs = sorted(reader.layers, key=lambda s: s.layer)
     accs = {s.layer: _LayerAccumulators(s, scan, position_buckets) for s in specs}
-    deps = [(a, b, JointCountAccumulator(a.num_experts, b.num_experts)) for a, b in itertools.pairwise(specs)]
+    deps = [(a, b, JointCountAccumulator(*(_mi_size(x) for x in (a, b)))) for a, b in itertools.pairwise(specs)]
     windows = [[s.layer for s in specs]] + ([[a.layer, b.layer] for a, b in itertools.pairwise(specs)]
                                             if len(specs) > 2 else [])
-    paths = [PathDiversityAccumulator([reader.layer_spec(l).num_experts for l in w], "top1") for w in windows]
+    paths = [PathDiversityAccumulator([reader.layer_spec(l).num_outputs for l in w], "top1",
+                                      [reader.layer_spec(l).variable for l in w]) for w in windows]
     done = 0
     for i, chunk in enumerate(reader.iter_chunks()):
         T = chunk.num_tokens
@@ -336,7 +379,8 @@ def summarize_trace(trace_dir: str | os.PathLike[str], *, position_buckets: int 
             _update_layer(accs[s.layer], chunk.layers[s.layer], tok_T, buckets_T, label_T, mode)
         for a, b, acc in deps:
             la, lb = chunk.layers[a.layer], chunk.layers[b.layer]
-            acc.update(*routing_pairs(la.expert_ids_TK, lb.expert_ids_TK, mode, la.gates_TK, lb.gates_TK))
+            x_S, y_S, w_S = routing_pairs(la.expert_ids_TK, lb.expert_ids_TK, mode, la.gates_TK, lb.gates_TK)
+            acc.update(x_S + _mi_size(a) - a.num_outputs, y_S + _mi_size(b) - b.num_outputs, w_S)
         for w, acc in zip(windows, paths):
             acc.update([chunk.layers[l].expert_ids_TK for l in w], [chunk.layers[l].gates_TK for l in w])
         done += T
@@ -348,21 +392,33 @@ def summarize_trace(trace_dir: str | os.PathLike[str], *, position_buckets: int 
         dependence=[LayerDependence(a.layer, b.layer, acc.result()) for a, b, acc in deps],
         paths=[PathWindow(w, acc.result()) for w, acc in zip(windows, paths)],
         hidden_layers=[s.layer for s in specs if s.hidden_size],
-        label_names=[str(x) for x in reader.manifest.get("metadata", {}).get("label_names", [])])
+        label_names=[str(x) for x in reader.manifest.get("metadata", {}).get("label_names", [])],
+        instruments=instrument_results(reader))
+
+
+def _mi_size(spec: Any) -> int:
+    """Values an MI accumulator of this layer's choice takes: N + M, plus one for "no expert" (shifted ids)."""
+    return spec.num_outputs + (1 if spec.variable or spec.null_experts else 0)
 
 
 def _update_layer(acc: _LayerAccumulators, lc: Any, tok_T: np.ndarray, buckets_T: np.ndarray,
                   label_T: np.ndarray | None, mode: str) -> None:
     ids_TK, gates_TK = lc.expert_ids_TK, lc.gates_TK
     acc.load.update(ids_TK)
+    acc.per_token_J += experts_per_token_histogram(ids_TK, acc.spec.num_experts)
     acc.tokens += ids_TK.shape[0]
+
+    def shifted(x_S: np.ndarray, y_S: np.ndarray, w_S: np.ndarray | None) -> tuple:
+        return x_S + acc.shift, y_S, w_S
+
     # routing_pairs is the one place that defines the top-1 / pairs samples, so summaries match specialisation().
-    acc.token_mi.update(*routing_pairs(ids_TK, tok_T, mode, gates_TK))
-    acc.position_mi.update(*routing_pairs(ids_TK, buckets_T, mode, gates_TK))
+    acc.token_mi.update(*shifted(*routing_pairs(ids_TK, tok_T, mode, gates_TK)))
+    acc.position_mi.update(*shifted(*routing_pairs(ids_TK, buckets_T, mode, gates_TK)))
     if label_T is not None:
-        acc.label_mi.update(*routing_pairs(ids_TK, label_T, mode, gates_TK))
+        acc.label_mi.update(*shifted(*routing_pairs(ids_TK, label_T, mode, gates_TK)))
         K = ids_TK.shape[1]
-        acc.label_pairs.update(ids_TK.astype(np.int64).ravel(), np.repeat(label_T, K))
+        used = ids_TK.ravel() >= 0
+        acc.label_pairs.update(ids_TK.astype(np.int64).ravel()[used], np.repeat(label_T, K)[used])
     if acc.heads is not None:
         acc.heads.update(ids_TK)
     if (acc.spec.num_heads > 1 or acc.spec.top_k > 1) and acc.eff_skipped is None:
@@ -379,8 +435,10 @@ def _update_layer(acc: _LayerAccumulators, lc: Any, tok_T: np.ndarray, buckets_T
 
 def _finish_layer(acc: _LayerAccumulators, scan: _TokenScan) -> LayerSummary:
     s = acc.spec
-    load = acc.load.result()
-    counts_N = acc.load.counts_N
+    counts_N = acc.load.counts_N[:s.num_experts]  # real experts; null selections go to null_fraction
+    load = load_stats(counts_N)
+    used = int(acc.load.counts_N.sum())
+    null = float(acc.load.counts_N[s.num_experts:].sum() / used) if s.null_experts and used else None
     edges, hist = bin_counts(counts_N)
     top_E = top_by_load(counts_N)
     spec = {"token": acc.token_mi.result(), "position": acc.position_mi.result()}
@@ -396,7 +454,9 @@ def _finish_layer(acc: _LayerAccumulators, scan: _TokenScan) -> LayerSummary:
         else:
             eff = EffectiveExperts(acc.eff_sums[0] / n if n else None, acc.eff_sums[1] / n if n else None, n)
     return LayerSummary(s.layer, s.num_experts, s.top_k, s.num_heads, acc.tokens, load, edges, hist, top_E,
-                        counts_N[top_E], spec, matrix, None if acc.heads is None else acc.heads.result(), eff)
+                        counts_N[top_E], spec, matrix, None if acc.heads is None else acc.heads.result(), eff,
+                        null_experts=s.null_experts, variable=s.variable, experts_per_token_J=acc.per_token_J,
+                        null_fraction=null)
 
 
 def _label_matrix(pairs: JointCountAccumulator, experts_E: np.ndarray, scan: _TokenScan) -> LabelMatrix:
@@ -410,6 +470,36 @@ def _label_matrix(pairs: JointCountAccumulator, experts_E: np.ndarray, scan: _To
     for x, y, c in zip(x_S[sel].tolist(), y_S[sel].tolist(), pairs.counts_S[sel].tolist()):
         counts_EV[row_of[x], col_of[y]] = round(c)  # integer counts held as fp64
     return LabelMatrix([int(e) for e in experts_E], scan.labels_V[keep_V].tolist(), counts_EV)
+
+
+# ------------------------------------------------------------------------------------------------ instruments
+
+
+def instrument_results(reader: TraceReader) -> dict[str, Any]:
+    """The instruments' results of one trace, by name (``instrument_api``): the rank-side ones that capture wrote
+    to ``INSTRUMENTS_FILE`` in the trace directory, then the trace readouts named in the trace's
+    ``metadata["readouts"]``, computed now from the trace. Each result is a JSON dict (``{"not_applicable":
+    reason}`` when the instrument does not apply); its ``summary.json`` key is its name, so names must not
+    collide with the summary's own keys."""
+    from megatron_moe_ext.analysis.instrument_api import TRACE_READOUTS, load_entry
+
+    out: dict[str, Any] = {}
+    path = os.path.join(reader.path, INSTRUMENTS_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict):
+            raise ValueError(f"{path}: expected a JSON object {{name: result}}, got {type(saved).__name__}; the "
+                             f"trace is corrupt: fix: capture it again")
+        out.update(saved)
+    for name in reader.manifest.get("metadata", {}).get("readouts", []):
+        if name in TRACE_READOUTS and name not in out:
+            out[name] = load_entry(name, TRACE_READOUTS)(reader)
+    clash = sorted(set(out) & _SUMMARY_KEYS)
+    if clash:
+        raise ValueError(f"{reader.path}: instrument results named {clash} would overwrite the summary's own keys; "
+                         f"fix: rename the instrument")
+    return _jsonable(out)
 
 
 # -------------------------------------------------------------------------------------------------------- CKA
@@ -555,7 +645,7 @@ def cka_compatible(trace_a: str | os.PathLike[str], trace_b: str | os.PathLike[s
 
 
 __all__ = [
-    "CKAResult", "EffectiveExperts", "LabelMatrix", "LayerDependence", "LayerSummary", "PathWindow", "Summary",
-    "TraceMismatchError", "bin_counts", "cka_compatible", "mi_json", "path_json", "self_cka", "summarize_trace",
-    "top_by_load", "trace_cka",
+    "INSTRUMENTS_FILE", "CKAResult", "EffectiveExperts", "LabelMatrix", "LayerDependence", "LayerSummary",
+    "PathWindow", "Summary", "TraceMismatchError", "bin_counts", "cka_compatible", "fmt", "instrument_results",
+    "mi_json", "path_json", "self_cka", "summarize_trace", "top_by_load", "trace_cka",
 ]

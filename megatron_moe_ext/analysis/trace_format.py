@@ -6,9 +6,10 @@ token's identity and place in the data (and, opt-in, hidden states at chosen lay
 ever holds more than one chunk (``chunk_tokens`` rows) per layer in memory.
 
 Legend: T tokens (rows) in a batch or chunk, K selections per token in a layer (``top_k``; for PEER,
-heads * k per head), H product-key heads, D hidden size, N experts in a layer, C chunks.
+heads * k per head; for routers with a variable number of experts per token, the most a token can get),
+H product-key heads, D hidden size, N experts in a layer, M null experts of a layer, C chunks.
 
-Schema (format ``megatron_moe_ext.routing_trace``, version 1)
+Schema (format ``megatron_moe_ext.routing_trace``, version 2; version 1 traces still read)
 ------------------------------------------------------------
 A trace is a directory::
 
@@ -28,17 +29,22 @@ tokens-c           ``sequence_ids`` [T]        int64, id of the sequence (docume
 tokens-c           ``labels`` [T]              int64, user label (domain, language, ...); only when the
                                                manifest has ``"has_labels": true``
 layer-l-c          ``expert_ids`` [T, K_l]     ``expert_dtype`` (int32 or int64), selected experts in
-                                               [0, N_l), in the router's order (for PEER: head-major,
-                                               head h owns columns [h*k, (h+1)*k))
+                                               [0, N_l + M_l), in the router's order (for PEER: head-major,
+                                               head h owns columns [h*k, (h+1)*k)); ids N_l..N_l+M_l-1
+                                               are null experts; ``-1`` (``EMPTY_SLOT``) pads a row with
+                                               fewer selections than K_l (``variable`` layers only;
+                                               the padding comes after the token's selections)
 layer-l-c          ``gates`` [T, K_l]          ``gate_dtype`` (float16 or float32), the weight each
-                                               selected expert's output got
+                                               selected expert's output got (0 on an empty slot; a null
+                                               expert's gate as the router computed it, though its
+                                               output is zero)
 layer-l-c          ``hidden`` [T, D_l]         ``hidden_dtype``, the layer's input hidden state; only for
                                                layers whose ``hidden_size`` is not null (opt-in)
 =================  ==========================  ==========================================================
 
 ``schema.json`` is a JSON object::
 
-    {"format": "megatron_moe_ext.routing_trace", "version": 1, "created_by": "megatron_moe_ext 0.1.0",
+    {"format": "megatron_moe_ext.routing_trace", "version": 2, "created_by": "megatron_moe_ext 0.1.0",
      "complete": true,               # false while writing or after a crash: chunks listed are whole
      "compressed": false, "chunk_tokens": 65536, "has_labels": false,
      "token_dtype": "int64",
@@ -48,6 +54,7 @@ layer-l-c          ``hidden`` [T, D_l]         ``hidden_dtype``, the layer's inp
      "num_tokens": 1000,             # tokens kept (sum of chunk rows)
      "payload_bytes": 123456,        # sum of array nbytes written (what the budget counts)
      "layers": [{"layer": 3, "num_experts": 64, "top_k": 8, "num_heads": 1,
+                 "null_experts": 2, "variable": true,    # version 2, written when used; absent = 0, false
                  "expert_dtype": "int32", "gate_dtype": "float16",
                  "hidden_size": null, "hidden_dtype": "float16"}, ...],
      "chunks": [{"index": 0, "num_tokens": 1000, "payload_bytes": 123456,
@@ -67,6 +74,10 @@ Guarantees
   bytes of header each). The chunk that would cross the budget is cut to the rows that fit, the writer stops,
   records ``"stopped_by_budget": true`` and ignores later tokens (still counting them as offered).
 * Never overwrites: the writer refuses a DIR that exists and is not empty.
+
+Version 2 (routers with variable experts per token, issue #22) adds per layer ``null_experts`` (M: ids N..N+M-1
+are zero-computation experts, recorded from the router's ``last_null_selection``) and ``variable`` (rows may
+hold fewer than K selections, padded with id -1 and gate 0). A version 1 trace is read as M = 0, fixed K.
 """
 
 from __future__ import annotations
@@ -81,7 +92,9 @@ from typing import Any, Self
 import numpy as np
 
 FORMAT_NAME = "megatron_moe_ext.routing_trace"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+EMPTY_SLOT = -1  # expert id of an unused slot of a variable layer (gate 0)
 SCHEMA_FILE = "schema.json"
 
 _TOKEN_DTYPE = np.dtype(np.int64)
@@ -94,14 +107,23 @@ _TOKEN_COLUMNS = ("token_ids", "positions", "sequence_ids")
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
     """What one traced MoE layer records. ``layer`` is the model's layer number (unique within a trace),
-    ``top_k`` the selections per token (for PEER, heads * k per head, with ``num_heads`` = heads),
-    ``hidden_size`` not None opts this layer into recording its input hidden states."""
+    ``top_k`` the selections per token (for PEER, heads * k per head, with ``num_heads`` = heads; for a
+    ``variable`` layer the most a token can get, rows padded with ``EMPTY_SLOT``), ``null_experts`` M the
+    zero-computation experts (ids ``num_experts``..``num_experts`` + M - 1), ``hidden_size`` not None opts this
+    layer into recording its input hidden states."""
 
     layer: int
     num_experts: int
     top_k: int
     num_heads: int = 1
     hidden_size: int | None = None
+    null_experts: int = 0
+    variable: bool = False
+
+    @property
+    def num_outputs(self) -> int:
+        """N + M: the ids a selection can take (real and null experts)."""
+        return self.num_experts + self.null_experts
 
     def __post_init__(self) -> None:
         for name in ("layer", "num_experts", "top_k", "num_heads"):
@@ -112,6 +134,11 @@ class LayerSpec:
         if self.top_k % self.num_heads:
             raise ValueError(f"LayerSpec(layer={self.layer}): top_k={self.top_k} is not a multiple of "
                              f"num_heads={self.num_heads}; fix: top_k = heads * k per head")
+        if isinstance(self.null_experts, bool) or not isinstance(self.null_experts, int) or self.null_experts < 0:
+            raise ValueError(f"LayerSpec(layer={self.layer}).null_experts={self.null_experts!r}: expected an int >= 0")
+        if self.top_k > self.num_outputs:
+            raise ValueError(f"LayerSpec(layer={self.layer}): top_k={self.top_k} exceeds num_experts + null_experts "
+                             f"= {self.num_outputs}; fix: at most one slot per expert")
         if self.hidden_size is not None and (isinstance(self.hidden_size, bool)
                                              or not isinstance(self.hidden_size, int) or self.hidden_size < 1):
             raise ValueError(f"LayerSpec(layer={self.layer}).hidden_size={self.hidden_size!r}: expected None "
@@ -141,6 +168,11 @@ class TraceChunk:
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids_T.shape[0])
+
+
+def _variable_fields(spec: LayerSpec) -> dict[str, Any]:
+    """The manifest's version-2 layer fields, written only when they differ from a version-1 layer."""
+    return {"null_experts": spec.null_experts, "variable": spec.variable} if spec.null_experts or spec.variable else {}
 
 
 def _splitmix64(x_T: np.ndarray) -> np.ndarray:
@@ -219,7 +251,7 @@ class TraceWriter:
         self._gate_dtype = self._pick_dtype(gate_dtype, _GATE_DTYPES, "gate_dtype")
         self._hidden_dtype = self._pick_dtype(hidden_dtype, _HIDDEN_DTYPES, "hidden_dtype")
         for s in layers:
-            if s.num_experts > np.iinfo(self._expert_dtype).max + 1:
+            if s.num_outputs > np.iinfo(self._expert_dtype).max + 1:
                 raise ValueError(f"layer {s.layer}: num_experts={s.num_experts} does not fit expert_dtype="
                                  f"{self._expert_dtype}; fix: expert_dtype=np.int64")
         out_dir = os.fspath(out_dir)
@@ -313,10 +345,16 @@ class TraceWriter:
                                  f"expected both ({T}, top_k={s.top_k}); fix: pass the router's top-k output")
             if not np.issubdtype(gates_TK.dtype, np.floating):
                 raise ValueError(f"layer {s.layer}: gates dtype {gates_TK.dtype}, expected floating point")
-            if T and (ids_TK.min() < 0 or ids_TK.max() >= s.num_experts):
+            low = EMPTY_SLOT if s.variable else 0
+            if T and (ids_TK.min() < low or ids_TK.max() >= s.num_outputs):
                 raise ValueError(f"layer {s.layer}: expert ids span [{ids_TK.min()}, {ids_TK.max()}], expected "
-                                 f"[0, num_experts={s.num_experts}); fix: global expert ids, or a larger "
-                                 f"num_experts in the LayerSpec")
+                                 f"[{low}, num_experts={s.num_experts} + null_experts={s.null_experts}); fix: "
+                                 f"global expert ids "
+                                 f"(null experts after the real ones), -1 only for the empty slots of a variable "
+                                 f"layer, or a larger num_experts in the LayerSpec")
+            if s.variable and T and (gates_TK[ids_TK == EMPTY_SLOT] != 0).any():
+                raise ValueError(f"layer {s.layer}: an empty slot (id -1) has a non-zero gate; fix: gate 0 on "
+                                 f"empty slots")
             columns[f"{s.layer}/expert_ids"] = ids_TK
             columns[f"{s.layer}/gates"] = gates_TK
             if s.hidden_size:
@@ -415,7 +453,7 @@ class TraceWriter:
             "num_tokens_offered": self.num_tokens_offered, "num_tokens": self.num_tokens,
             "payload_bytes": self.payload_bytes,
             "layers": [{"layer": s.layer, "num_experts": s.num_experts, "top_k": s.top_k, "num_heads": s.num_heads,
-                        "expert_dtype": str(self._expert_dtype), "gate_dtype": str(self._gate_dtype),
+                        **_variable_fields(s), "expert_dtype": str(self._expert_dtype), "gate_dtype": str(self._gate_dtype),
                         "hidden_size": s.hidden_size, "hidden_dtype": str(self._hidden_dtype)}
                        for s in self._layers],
             "chunks": list(self._chunks),
@@ -449,15 +487,16 @@ class TraceReader:
                              f"a TraceWriter wrote")
         with open(schema) as f:
             manifest = json.load(f)
-        if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
+        if manifest.get("format") != FORMAT_NAME or manifest.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"{schema}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
-                             f"this reader reads {FORMAT_NAME!r} version {FORMAT_VERSION}")
+                             f"this reader reads {FORMAT_NAME!r} versions {list(READABLE_VERSIONS)}")
         if not manifest["complete"] and not allow_incomplete:
             raise ValueError(f"{self.path!r} is marked incomplete (still being written, or the writer crashed); "
                              f"fix: allow_incomplete=True reads the whole chunks it lists")
         self.manifest: dict[str, Any] = manifest
         self.layers = [LayerSpec(layer=d["layer"], num_experts=d["num_experts"], top_k=d["top_k"],
-                                 num_heads=d.get("num_heads", 1), hidden_size=d["hidden_size"])
+                                 num_heads=d.get("num_heads", 1), hidden_size=d["hidden_size"],
+                                 null_experts=d.get("null_experts", 0), variable=d.get("variable", False))
                        for d in manifest["layers"]]
         self._by_layer = {s.layer: s for s in self.layers}
 

@@ -20,6 +20,10 @@ equally many valid tokens). The expert losses use ``global_batch_balance_loss``,
 real DP size over the TP x DP x CP tokens, so DDP's average over DP gives the whole batch's gradient
 (Megatron 0.19's ``global_aux_loss`` is 1/DP too small; tests/distributed/test_balancing_megatron.py).
 
+With null experts (``layers/null_experts.py``) the router's config has N + M experts, so every loss
+and the step load see the N + M columns (null experts balanced as experts, AdaMoE / MoE++ with tau = 1);
+the EP metrics cover the real experts only.
+
 Legend: S sequence, B micro-batch, T = S*B tokens, N experts, K top-k, H product-key heads,
 n1 x n2 grid per head, k top-k per head.
 """
@@ -302,7 +306,8 @@ class BalancingMixin:
         if self._usage_window is None:
             self._usage_window = UsageWindow(counts_N.numel(), self.balance_usage_window, device=counts_N.device)
         self._usage_window.update(counts_N, self._balance_step)
-        values = step_load_metrics(counts_N, ep_size=self.balance_ep_size, grid=self._balance_grid())
+        values = step_load_metrics(counts_N, ep_size=self.balance_ep_size, grid=self._balance_grid(),
+                                   num_real=getattr(self, "num_real_experts", None))
         values["experts_used_fraction"] = usage_fraction(self._usage_window, self._balance_step)
         cfg = self.config
         num_layers = cfg.num_layers + (cfg.mtp_num_layers or 0)

@@ -16,13 +16,21 @@ and every layer's step load is all-reduced in one call and recorded as metrics. 
 runs once per training step, after the last micro-batch's backward and before the optimizer step
 and Megatron's ``training_log`` (which reports the MoE metrics tracker); evaluation never calls it
 and never counts (counting happens only in training forwards with gradients).
+
+The same point adapts the ReLU router's L1 coefficient (``update_relu_coefficients``; ReMoE's
+controller, ``relu_l1.py``): the step's zero-gate counts of every ReLU layer, indexed by layer
+number, are summed over all ranks in one all-reduce (every rank calls it, pipeline stages without
+a ReLU layer with zeros), so every rank computes the same coefficient from the same numbers.
 """
 
 from __future__ import annotations
 
 import torch
 from megatron.core.distributed import finalize_model_grads
-from megatron.core.utils import get_attr_wrapped_model
+from megatron.core.utils import get_attr_wrapped_model, get_model_config
+
+from megatron_moe_ext.balancing.relu_l1 import adapted_l1_coeff
+from megatron_moe_ext.settings import ext_settings
 
 
 def selection_bias_step(counts: torch.Tensor, rule: str = "sign") -> torch.Tensor:
@@ -90,13 +98,51 @@ def finish_balancing_step(model: list[torch.nn.Module]) -> None:
         module.reset_balancing_step()
 
 
+def update_relu_coefficients(model: list[torch.nn.Module]) -> torch.Tensor | None:
+    """ReMoE's once-per-step controller for every ReLU router of ``model``: the step's [zero gates, gates]
+    per layer summed over all ranks (one all-reduce of [layers, 2] on every rank), the model's sparsity
+    S = zeros / gates, then lambda <- lambda * alpha^sign(target - S) in every ReLU router, which also
+    records its layer's metrics. Returns the reduced [layers, 2] counts (None when the run has no ReLU
+    router; nothing changes in a step without training forwards)."""
+    config = get_model_config(model[0])
+    relu = ext_settings(config).router.relu
+    if relu is None:
+        return None
+    routers = [
+        module
+        for chunk in model
+        for module in get_attr_wrapped_model(chunk, "modules")()
+        if hasattr(module, "apply_relu_step")
+    ]
+    num_layers = config.num_layers + (config.mtp_num_layers or 0)
+    device = routers[0].relu_step_counts.device if routers else next(model[0].parameters()).device
+    counts_L2 = torch.zeros(num_layers, 2, dtype=torch.float64, device=device)
+    index = {}
+    for router in routers:
+        row = router.layer_number - 1 + (config.num_layers if router.is_mtp_layer else 0)
+        index[id(router)] = row
+        counts_L2[row] += router.relu_step_statistics().to(device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(counts_L2)
+    zeros, total = counts_L2.sum(0)
+    for router in routers:
+        coeff = router.relu_l1_coeff
+        new_coeff = coeff if total <= 0 else adapted_l1_coeff(
+            coeff, (zeros / total).float(), target=relu.target_sparsity, rate=relu.update_rate
+        )
+        router.apply_relu_step(counts_L2[index[id(router)]], new_coeff)
+    return counts_L2
+
+
 def finalize_model_grads_with_balancing(
     model: list[torch.nn.Module],
     num_tokens: torch.Tensor | None = None,
     pg_collection=None,
     force_all_reduce: bool | None = False,
 ) -> None:
-    """Megatron's ``finalize_model_grads`` followed by our bias updates and step end (same signature)."""
+    """Megatron's ``finalize_model_grads`` followed by our bias updates, the ReLU routers' coefficient
+    update and the step end (same signature)."""
     finalize_model_grads(model, num_tokens, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
     update_balancing_biases(model)
+    update_relu_coefficients(model)
     finish_balancing_step(model)

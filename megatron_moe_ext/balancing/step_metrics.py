@@ -42,7 +42,7 @@ def _normalized_entropy(load_N: Tensor) -> Tensor:
 
 
 def step_load_metrics(
-    counts_N: Tensor, *, ep_size: int = 1, grid: tuple[int, int, int] | None = None
+    counts_N: Tensor, *, ep_size: int = 1, grid: tuple[int, int, int] | None = None, num_real: int | None = None
 ) -> dict[str, Tensor]:
     """Metrics of one step's loads (selections per expert, all-reduced over the data-parallel ranks).
 
@@ -53,6 +53,9 @@ def step_load_metrics(
       ``device_max_violation``, the MaxVio of the per-rank loads (the straggler's excess).
     - with ``grid`` = (H, n1, n2) (product keys, expert id = h*n1*n2 + row*n2 + col): ``pk_rows_used``
       and ``pk_cols_used``, the fraction of all heads' rows (columns) selected at least once.
+    - ``num_real``: with null experts (``layers/null_experts.py``) the first ``num_real`` entries are the real
+      experts; MaxVio, entropy and the grid metrics cover all entries (null experts are balanced like
+      experts), the EP metrics the real experts only (null experts live on no EP rank).
     Returns fp32 0-dim tensors (sums exact or fp64: N = 1M needs more than fp32's 24 bits).
     """
     if counts_N.dim() != 1 or counts_N.numel() == 0:
@@ -62,9 +65,11 @@ def step_load_metrics(
     N = load_N.shape[0]
     out = {"max_violation": _max_violation(load_N), "load_entropy": _normalized_entropy(load_N)}
     if ep_size > 1:
-        if N % ep_size:
-            raise ValueError(f"ep_size={ep_size} does not divide N={N}; fix: an ep_size among the divisors of {N}")
-        load_DN = load_N.view(ep_size, N // ep_size)
+        real = N if num_real is None else num_real
+        if real % ep_size or real > N:
+            raise ValueError(f"ep_size={ep_size} does not divide the {real} real experts (of N={N}); fix: an ep_size "
+                             f"among the divisors of {real}")
+        load_DN = load_N[:real].reshape(ep_size, real // ep_size)
         out["max_violation_ep_rank_max"] = _max_violation(load_DN).amax()
         out["device_max_violation"] = _max_violation(load_DN.sum(-1))
     if grid is not None:

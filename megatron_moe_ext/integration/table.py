@@ -11,6 +11,7 @@ Columns:
 - ``wrapper``: ``module:function`` that takes the original and returns the replacement (a string, so
   the table is data: the wrappers live in the files of this subpackage named after their concern).
 - ``group``: when it is installed: ``cpu`` (by ``enable_cpu_runtime``, only without CUDA),
+  ``model`` (every rank that runs a model: every entry, analysis and import too, and the test ranks),
   ``training`` (every rank of ``train``, ``launch`` and the patched script), ``script`` (only
   ``launch``, which runs an unmodified pretrain script and has no other way in).
 - ``params``: parameter names of the target that the wrapper relies on (the canary's signature check).
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 
-GROUPS = ("cpu", "training", "script")
+GROUPS = ("cpu", "model", "training", "script")
 # 0.19.2: the test suite (CI). 0.20.0: Megatron-LM main d98e8a6 on PYTHONPATH, tests/unit/test_integration.py and
 # the suites listed in docs/megatron-versions.md, by hand.
 CHECKED = ("0.19.2", "0.20.0 (main d98e8a6)")
@@ -147,6 +148,13 @@ REPLACEMENTS: tuple[Replacement, ...] = (
         "megatron_moe_ext.integration.metrics_logging:wrap_report", "training", ("track_names",),
         "training_log reports the MoE tracker with a fixed track_names list; our balance losses and metrics would "
         "be dropped", "track_names taken from what was recorded, or a config field"),
+    Replacement(
+        "variable-experts-alltoall", "megatron.core.transformer.moe.token_dispatcher:"
+        "MoEAlltoAllTokenDispatcher.preprocess", "megatron_moe_ext.integration.variable_routing:"
+        "wrap_alltoall_preprocess", "model", ("routing_map",),
+        "the dropless alltoall dispatch sizes its permutation as tokens x top-k, which is wrong for routers that "
+        "give a token any number of experts (expert choice, ReLU, null experts); its capacity branch counts the map",
+        "num_out_tokens counted from the routing map when the router says its rows vary", ("0.19.2",)),
     # --- script: `launch` runs an unmodified pretrain script ---------------------------------------------------------
     Replacement(
         "script-flags", "megatron.training.arguments:add_megatron_arguments",

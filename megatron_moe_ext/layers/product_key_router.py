@@ -55,8 +55,14 @@ candidate pairs are combined (``_combine_candidates``): the selection is the top
 the grid), the gates stay unbiased, and e follows Megatron's expert-bias rule from the N
 all-reduced per-expert counts, in the same all-reduce as the row and column counts.
 
+Null experts (``--moe-null-experts M``, ``layers/null_experts.py``): the grid holds N + M cells (the
+layout is sized N + M by ``settings/router.py``) and the last M ids are null; the router runs on
+``null_expert_config(config)`` (num_moe_experts = N + M), so selection, gates, z-loss, Megatron's aux
+losses and our balancing see all N + M cells; the dispatcher gets the N real columns, the null ones
+go to ``last_null_selection`` and the ``null_fraction`` / ``active_experts`` metrics.
+
 Legend: S sequence, B micro-batch, T = S*B tokens, h hidden, H heads, D key dim (D2 = D/2),
-n1 x n2 grid per head, N experts, K top-k of the token (k = K/H per head).
+n1 x n2 grid per head, N experts (N + M grid cells with null experts), K top-k of the token (k = K/H per head).
 """
 
 from __future__ import annotations
@@ -84,6 +90,7 @@ from megatron_moe_ext.kernels.product_key_core import (
     router_gates,
 )
 from megatron_moe_ext.layers.noisy_gating import add_gating_noise
+from megatron_moe_ext.layers.null_experts import null_expert_config, record_null_metrics, split_null_columns
 from megatron_moe_ext.layers.query_norm import QueryNorm
 from megatron_moe_ext.settings import ext_settings
 
@@ -125,7 +132,12 @@ class ProductKeyRouter(BalancingMixin, TopKRouter):
                 "(the config then checks the product-key layout)"
             )
         self.layout = settings.pk_layout
-        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, **router_kwargs)
+        self.num_real_experts = config.num_moe_experts
+        self.num_null_experts = settings.null_experts
+        self.last_null_selection: tuple[torch.Tensor, torch.Tensor] | None = None
+        super().__init__(
+            config=null_expert_config(config), pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, **router_kwargs
+        )
         # TopKRouter's constructor made a dense [N, h] gate and, with add_bias_linear, a logit bias [N]
         # (torch.empty: reserved, never touched, since reset_parameters is ours); product keys replace
         # the gate, and the query bias below replaces the logit bias (module docstring: not separable).
@@ -357,6 +369,13 @@ class ProductKeyRouter(BalancingMixin, TopKRouter):
                 probs_TN, scores_TN, aux_map_TN, seq_length, bsz, with_padding_mask=padded
             )
             probs_TN = self._apply_global_aux_loss(probs_TN, scores_TN, aux_map_TN, with_padding_mask=padded)
+        if self.num_null_experts:
+            probs_TN, routing_map_TN, null_map_TM, null_probs_TM = split_null_columns(
+                probs_TN, routing_map_TN, self.num_real_experts
+            )
+            self.last_null_selection = (null_map_TM, null_probs_TM)
+            if train:
+                record_null_metrics(self, routing_map_TN, null_map_TM, valid_T)
         return probs_TN, routing_map_TN
 
     def _z_loss_on(self) -> bool:

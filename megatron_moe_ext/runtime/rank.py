@@ -14,11 +14,11 @@ from __future__ import annotations
 
 # What each entry installs of the integration table (the cpu group comes with the CPU runtime).
 ENTRY_GROUPS: dict[str, tuple[str, ...]] = {
-    "train": ("training",),
-    "launch": ("training", "script"),
-    "patched": ("training",),
-    "analysis": (),
-    "import": (),
+    "train": ("model", "training"),
+    "launch": ("model", "training", "script"),
+    "patched": ("model", "training"),
+    "analysis": ("model",),
+    "import": ("model",),
 }
 
 # Flags every CPU run needs: the local (non-TE) implementation, gloo, and no CUDA-only fusions.

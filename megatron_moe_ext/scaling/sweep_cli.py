@@ -1,6 +1,7 @@
 """``megatron-moe-ext sweep plan | run | collect``: a compute-matched granularity sweep (docs/sweeps.md).
 
-    sweep plan --flops 1e13,3e13 --granularity 1,2,4 --expansion-rate 4 --hidden-size 48,64 --out DIR [-- FLAGS]
+    sweep plan --flops 1e13,3e13 --granularity 1,2,4 --expansion-rate 4 --hidden-size 48,64 --out DIR
+               [--routers topk,expert_choice,relu,null] [-- FLAGS]
     sweep run DIR [--only RUN ...]
     sweep collect DIR [--out CSV] [--partial]
 
@@ -22,7 +23,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from megatron_moe_ext.scaling.sweep_plan import PlannedRun, SweepSpec, plan_runs
+from megatron_moe_ext.scaling.sweep_plan import ROUTER_VARIANTS, PlannedRun, SweepSpec, plan_runs
 from megatron_moe_ext.scaling.sweep_templates import COMMAND_SH, SLURM_SBATCH
 
 # Each planner default is stated once, in SweepSpec.
@@ -68,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iters", type=int, default=_DEFAULT["max_iters"], help="refuse budgets needing more iterations than this")
     p.add_argument("--save-interval", type=int, default=_DEFAULT["save_interval"], help="checkpoint every N iterations (and at the end)")
     p.add_argument("--eval-iters", type=int, default=_DEFAULT["eval_iters"], help="validation batches per evaluation")
+    p.add_argument("--routers", type=_list(str), default=_DEFAULT["routers"],
+                   help=f"router axis at equal mean compute, from {','.join(ROUTER_VARIANTS)} (docs/routing-variants.md)")
     p.add_argument("--no-dense", action="store_true", help="leave out the dense baselines")
     p.add_argument("--out", required=True, help="plan directory (refused if non-empty unless --force)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -89,13 +92,15 @@ def _spec(args: argparse.Namespace, extra: Sequence[str]) -> SweepSpec:
         seq_length=args.seq_length, vocab_size=args.vocab_size, global_batch_size=args.global_batch_size,
         micro_batch_size=args.micro_batch_size, nproc=args.nproc, expert_parallel_size=args.expert_parallel_size,
         max_iters=args.max_iters, save_interval=args.save_interval, eval_iters=args.eval_iters,
-        dense_baselines=not args.no_dense, extra_args=tuple(extra),
+        dense_baselines=not args.no_dense, routers=args.routers, extra_args=tuple(extra),
     )
 
 
 def _summary(run: PlannedRun) -> str:
-    moe = (f"G={run.granularity} E={run.expansion_rate}: {run.experts} experts x {run.expert_size}, top-{run.topk}"
-           if run.kind == "moe" else f"dense FFN {run.ffn_hidden_size}")
+    router = "" if run.router in (None, "topk") else f", router {run.router} ({run.active_experts:g} experts/token)"
+    null = f" + {run.null_experts} null" if run.null_experts else ""
+    moe = (f"G={run.granularity} E={run.expansion_rate}: {run.experts}{null} experts x {run.expert_size}, "
+           f"top-{run.topk}{router}" if run.kind == "moe" else f"dense FFN {run.ffn_hidden_size}")
     return (f"h={run.hidden_size}, {moe}; {run.iterations} iterations, {run.tokens} tokens, "
             f"{run.flops:.4g} FLOPs (budget {run.budget_flops:.4g})")
 

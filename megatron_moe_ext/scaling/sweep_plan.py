@@ -13,6 +13,16 @@ Dense baselines per (budget, shape, seed):
 * ``dense_equal_params`` (per expansion rate E): one FFN of E * d_ff (the total expert width, the "wide dense"
   model): about the MoE's total parameters, so more FLOPs per token and fewer tokens at the same budget.
 
+Router axis (``routers``, issue #22): every MoE point is planned once per router variant, at equal mean compute
+(the same expected real experts per token, ``accounting.expected_active_experts``):
+* ``topk``: Megatron's top-k token choice, k = k0*G (run names as without the axis);
+* ``product_key``: product-key top-k (same k; the experts must form a grid);
+* ``expert_choice``: each expert takes its top-c tokens, capacity factor 1 (f*k = k experts per token on average);
+* ``relu``: ReLU gates (ReMoE), target sparsity 1 - k/N (the default: (1 - S)*N = k active experts);
+* ``null``: top-2k over N real + M = N null experts (``NULL_EXPERTS_PER_EXPERT``): 2k * N/(N + M) = k real
+  experts per token under balanced routing (MoE++), via ``--moe-base-topk 2*k0``.
+The router term differs (null experts double the router's outputs), so tokens differ slightly, as across G.
+
 The model's architecture flags are those of the embedded demo (``ARCH_FLAGS``: SwiGLU, RMSNorm, RoPE, no biases,
 untied embeddings); every command states them and every size flag explicitly, so the accounting is that of the
 command whatever defaults ``megatron-moe-ext train`` would otherwise add.
@@ -30,6 +40,9 @@ from megatron_moe_ext.settings.granularity import _divisors, derive_fine_grained
 from megatron_moe_ext.training.data import VOCAB_SIZE
 
 KINDS = ("moe", "dense_equal_compute", "dense_equal_params")
+# Router variants of the router axis and their flags (k0 doubled for "null", see the module docstring).
+ROUTER_VARIANTS = ("topk", "product_key", "expert_choice", "relu", "null")
+NULL_EXPERTS_PER_EXPERT = 1
 
 # Architecture flags every planned command carries (the embedded demo's; ModelShape fields below match them).
 ARCH_FLAGS: tuple[str, ...] = (
@@ -46,6 +59,8 @@ PLANNER_FLAGS = frozenset({
     "--moe-base-topk", "--num-experts", "--moe-router-topk", "--moe-ffn-hidden-size", "--moe-layer-freq",
     "--expert-model-parallel-size", "--nproc", "--ext-loss-log", "--log-interval", "--swiglu", "--normalization",
     "--position-embedding-type", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
+    "--moe-router-type", "--moe-null-experts", "--moe-ec-capacity-factor", "--moe-relu-target-sparsity",
+    "--moe-token-dispatcher-type",
 })
 
 
@@ -72,7 +87,46 @@ class SweepSpec:
     save_interval: int = 100
     eval_iters: int = 4
     dense_baselines: bool = True
+    routers: tuple[str, ...] = ("topk",)
     extra_args: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterVariant:
+    """One router of the router axis: its name-suffix, flags, accounting fields and base top-k."""
+
+    name: str
+    flags: tuple[str, ...]
+    shape: dict[str, Any]
+    base_topk: int
+
+
+# Rows with a variable number of experts need Megatron's allgather dispatcher (its alltoall permutes a static
+# tokens x top-k); expert choice refuses alltoall outright.
+_VARIABLE_ROWS = ("--moe-token-dispatcher-type", "allgather")
+# Balancing flags the expert-choice router refuses (settings/expert_choice.py), so extra flags may not add them.
+_EC_REFUSED = frozenset({"--moe-router-load-balancing-type", "--moe-aux-loss-coeff", "--moe-balance-losses",
+                         "--moe-balance-metrics"})
+
+
+def router_variant(name: str, base_topk: int, num_experts: int) -> RouterVariant:
+    """The flags and accounting of router ``name`` at the mean compute of top-(k0*G) token choice
+    (``num_experts``: the real experts N of the point; only "null" uses it, M = N)."""
+    if name == "topk":
+        return RouterVariant(name, (), {}, base_topk)
+    if name == "product_key":
+        return RouterVariant(name, ("--moe-router-type", "product_key"), dict(router_type="product_key"), base_topk)
+    if name == "expert_choice":
+        return RouterVariant(name, ("--moe-router-type", "expert_choice", "--moe-ec-capacity-factor", "1.0",
+                                    "--moe-aux-loss-coeff", "0", *_VARIABLE_ROWS),
+                             dict(router_type="expert_choice", ec_capacity_factor=1.0), base_topk)
+    if name == "relu":
+        return RouterVariant(name, ("--moe-router-type", "relu", *_VARIABLE_ROWS), dict(router_type="relu"), base_topk)
+    if name == "null":
+        m = NULL_EXPERTS_PER_EXPERT * num_experts
+        return RouterVariant(name, ("--moe-null-experts", str(m), *_VARIABLE_ROWS), dict(null_experts=m),
+                             base_topk * (1 + NULL_EXPERTS_PER_EXPERT))
+    raise ValueError(f"router {name!r} is unknown; fix: --routers from {', '.join(ROUTER_VARIANTS)}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -101,6 +155,9 @@ class PlannedRun:
     training_flops_per_token: int
     router_flops_per_token: int
     train_args: tuple[str, ...]
+    router: str | None = None  # the router variant (ROUTER_VARIANTS) of a MoE run; None for dense baselines
+    null_experts: int = 0
+    active_experts: float | None = None  # expected real experts per token per MoE layer (nominal)
 
     def row(self) -> dict[str, Any]:
         """The CSV/JSON row (train_args as one shell-quoted command string ``command``)."""
@@ -128,7 +185,7 @@ def check_spec(spec: SweepSpec) -> None:
                  "global_batch_size", "micro_batch_size", "nproc", "expert_parallel_size", "save_interval",
                  "eval_iters", "base_topk"):
         _positive(name, getattr(spec, name))
-    for name in ("budgets", "hidden_sizes", "granularities", "expansion_rates", "seeds"):
+    for name in ("budgets", "hidden_sizes", "granularities", "expansion_rates", "seeds", "routers"):
         values = getattr(spec, name)
         if not values:
             raise ValueError(f"{name} is empty; fix: give at least one value")
@@ -171,11 +228,27 @@ def check_spec(spec: SweepSpec) -> None:
             f"ranks = {spec.micro_batch_size} x {dp}; fix: a global batch that is a multiple of "
             f"{spec.micro_batch_size * dp}"
         )
+    unknown = [r for r in spec.routers if r not in ROUTER_VARIANTS]
+    if unknown:
+        raise ValueError(f"routers {unknown} are unknown; fix: --routers from {', '.join(ROUTER_VARIANTS)}")
+    balancing = sorted({a.split("=", 1)[0] for a in spec.extra_args} & _EC_REFUSED)
+    if "expert_choice" in spec.routers and balancing:
+        raise ValueError(
+            f"extra train flags {balancing} with the expert_choice router: expert choice is balanced by construction "
+            "and refuses balance losses and metrics (its runs get --moe-aux-loss-coeff 0); fix: drop them, or leave "
+            "expert_choice out of --routers")
     for g in spec.granularities:
         for e in spec.expansion_rates:
             _positive("expansion_rate", e)
-            derive_fine_grained(spec.ffn_hidden_size, g, e, spec.base_topk,
-                                expert_parallel_size=spec.expert_parallel_size)
+            sizes = derive_fine_grained(spec.ffn_hidden_size, g, e, spec.base_topk,
+                                        expert_parallel_size=spec.expert_parallel_size)
+            for r in spec.routers:
+                variant = router_variant(r, spec.base_topk, sizes.num_experts)
+                try:
+                    derive_fine_grained(spec.ffn_hidden_size, g, e, variant.base_topk,
+                                        expert_parallel_size=spec.expert_parallel_size)
+                except ValueError as err:
+                    raise ValueError(f"router {r} at G={g}, E={e} (base top-k {variant.base_topk}): {err}") from None
     clash = sorted({a.split("=", 1)[0] for a in spec.extra_args} & PLANNER_FLAGS)
     if clash:
         raise ValueError(
@@ -191,13 +264,14 @@ def check_spec(spec: SweepSpec) -> None:
         )
 
 
-def _shape(spec: SweepSpec, hidden: int, *, ffn: int, moe: tuple[int, int, int] | None) -> ModelShape:
+def _shape(spec: SweepSpec, hidden: int, *, ffn: int, moe: tuple[int, int, int] | None,
+           router: dict[str, Any] | None = None) -> ModelShape:
     experts, expert_size, topk = moe if moe else (None, None, None)
     return ModelShape(
         num_layers=spec.num_layers, hidden_size=hidden, num_attention_heads=spec.num_attention_heads,
         ffn_hidden_size=ffn, vocab_size=padded_vocab_size(spec.vocab_size), seq_length=spec.seq_length,
         max_position_embeddings=spec.seq_length, num_experts=experts, moe_ffn_hidden_size=expert_size, topk=topk,
-        moe_layer_pattern=(1,) * spec.num_layers if moe else (0,) * spec.num_layers, **_ARCH_SHAPE,
+        moe_layer_pattern=(1,) * spec.num_layers if moe else (0,) * spec.num_layers, **_ARCH_SHAPE, **(router or {}),
     )
 
 
@@ -259,14 +333,24 @@ def plan_runs(spec: SweepSpec) -> list[PlannedRun]:
                 tag = f"b{format_budget(budget)}_h{hidden}"
                 for e in spec.expansion_rates:
                     for g in spec.granularities:
-                        sizes = derive_fine_grained(spec.ffn_hidden_size, g, e, spec.base_topk,
-                                                    expert_parallel_size=spec.expert_parallel_size)
-                        acc = account(_shape(spec, hidden, ffn=spec.ffn_hidden_size,
-                                             moe=(sizes.num_experts, sizes.moe_ffn_hidden_size, sizes.topk)))
-                        moe_flags = ("--moe-granularity", str(g), "--moe-expansion-rate", str(e),
-                                     "--moe-base-topk", str(spec.base_topk), "--moe-layer-freq", "1")
-                        configs.append((f"{tag}_G{g}_E{e}_s{seed}", "moe", seed, budget, hidden, spec.ffn_hidden_size,
-                                        acc, moe_flags, dict(g=g, e=e, expert_size=sizes.moe_ffn_hidden_size)))
+                        base = derive_fine_grained(spec.ffn_hidden_size, g, e, spec.base_topk,
+                                                   expert_parallel_size=spec.expert_parallel_size)
+                        for r in spec.routers:
+                            v = router_variant(r, spec.base_topk, base.num_experts)
+                            sizes = derive_fine_grained(spec.ffn_hidden_size, g, e, v.base_topk,
+                                                        expert_parallel_size=spec.expert_parallel_size)
+                            try:
+                                acc = account(_shape(spec, hidden, ffn=spec.ffn_hidden_size, router=v.shape,
+                                                     moe=(sizes.num_experts, sizes.moe_ffn_hidden_size, sizes.topk)))
+                            except ValueError as err:
+                                raise ValueError(f"router {r} at G={g}, E={e}: {err}") from None
+                            moe_flags = ("--moe-granularity", str(g), "--moe-expansion-rate", str(e),
+                                         "--moe-base-topk", str(v.base_topk), "--moe-layer-freq", "1", *v.flags)
+                            suffix = "" if r == "topk" else f"_{r}"
+                            configs.append((f"{tag}_G{g}_E{e}{suffix}_s{seed}", "moe", seed, budget, hidden,
+                                            spec.ffn_hidden_size, acc, moe_flags,
+                                            dict(g=g, e=e, expert_size=sizes.moe_ffn_hidden_size, router=r,
+                                                 null_experts=v.shape.get("null_experts", 0))))
                 if not spec.dense_baselines:
                     continue
                 dense_flags = ("--moe-layer-freq", f"([0]*{L})")
@@ -286,7 +370,7 @@ def plan_runs(spec: SweepSpec) -> list[PlannedRun]:
 
 def _run(spec: SweepSpec, name: str, kind: str, seed: int, budget: float, hidden: int, ffn: int, acc: Accounting,
          iters: int, moe_flags: Sequence[str], *, g: int | None = None, e: int | None = None,
-         expert_size: int | None = None) -> PlannedRun:
+         expert_size: int | None = None, router: str | None = None, null_experts: int = 0) -> PlannedRun:
     tokens = iters * spec.global_batch_size * spec.seq_length
     moe = kind == "moe"
     return PlannedRun(
@@ -297,4 +381,5 @@ def _run(spec: SweepSpec, name: str, kind: str, seed: int, budget: float, hidden
         params=acc.active_params - acc.embedding_params, total_params=acc.total_params - acc.embedding_params,
         training_flops_per_token=acc.training_flops_per_token, router_flops_per_token=acc.router_flops_per_token,
         train_args=_train_args(spec, hidden=hidden, ffn=ffn, seed=seed, iters=iters, moe_flags=moe_flags),
+        router=router if moe else None, null_experts=null_experts, active_experts=acc.active_experts if moe else None,
     )

@@ -20,6 +20,24 @@ from megatron_moe_ext.settings.router import RouterSettings, router_settings
 
 Getter = Callable[[str], Any]
 
+# What the variable-compute routers record in Megatron's MoE metrics tracker (issue #22's contract).
+RELU_METRICS = ("relu_l1_loss", "relu_l1_coeff", "relu_sparsity", "active_experts")
+NULL_EXPERT_METRICS = ("null_fraction", "active_experts")
+EXPERT_CHOICE_METRICS = ("active_experts", "ec_unrouted_fraction")
+
+
+def routing_metric_names(router: RouterSettings) -> tuple[str, ...]:
+    """The routing metrics the router of these settings records (appended to the tracked names, so every
+    rank, pipeline stages without MoE layers included, reports the same names)."""
+    names: list[str] = []
+    if router.relu is not None:
+        names += RELU_METRICS
+    if router.expert_choice is not None:
+        names += EXPERT_CHOICE_METRICS
+    if router.null_experts:
+        names += NULL_EXPERT_METRICS
+    return tuple(dict.fromkeys(names))
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MoEExtSettings:
@@ -37,7 +55,7 @@ class MoEExtSettings:
     def needs_step_hook(self) -> bool:
         """Once-per-step work (selection-bias updates, global-batch counts, step metrics): the config
         installs ``finalize_model_grads_with_balancing``."""
-        return self.router.selection_biases or self.balance.needs_step_hook
+        return self.router.selection_biases or self.balance.needs_step_hook or self.router.relu is not None
 
 
 def build_settings(get: Getter, *, default_topk: int) -> MoEExtSettings:
@@ -55,11 +73,16 @@ def build_settings(get: Getter, *, default_topk: int) -> MoEExtSettings:
     def resolved(name: str) -> Any:
         return derived[name] if name in derived else get(name)
 
+    router = router_settings(resolved)
+    balance = balance_settings(resolved)
+    # Megatron's report prints only the tracked names: the routing metrics join the balance ones.
+    extra = tuple(name for name in routing_metric_names(router) if name not in balance.tracked_names)
+    balance = dataclasses.replace(balance, tracked_names=balance.tracked_names + extra)
     return MoEExtSettings(
         granularity=granularity,
         experts=expert_settings(resolved),
-        router=router_settings(resolved),
-        balance=balance_settings(resolved),
+        router=router,
+        balance=balance,
         peer=peer_settings(resolved),
         derived=tuple(derived.items()),
     )

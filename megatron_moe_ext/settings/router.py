@@ -181,6 +181,12 @@ class RouterSettings:
     null_experts: int = 0
 
     @property
+    def variable_experts(self) -> bool:
+        """Tokens may get any number of experts (expert choice, ReLU gates, null experts): the dispatch
+        cannot size its buffers as tokens x top-k (integration row ``variable-experts-alltoall``)."""
+        return self.expert_choice is not None or self.relu is not None or self.null_experts > 0
+
+    @property
     def selection_biases(self) -> bool:
         """A product-key selection bias is updated once per step (the finalize hook)."""
         return self.pk_bias_balancing or self.pk_expert_bias_balancing

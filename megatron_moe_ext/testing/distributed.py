@@ -71,6 +71,9 @@ def _worker(rank: int, world_size: int, port: int, env: dict[str, str], fn: Call
 
         enable_cpu_runtime()
         init_gloo_from_env()
+        from megatron_moe_ext.integration import install
+
+        install(("model",))  # what every entry's rank installs for the model itself (runtime/rank.py)
         result = fn(*args, **kwargs)
         buffer = io.BytesIO()
         torch.save(result, buffer)

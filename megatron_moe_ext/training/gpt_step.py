@@ -5,6 +5,13 @@ its own: the dataset is Megatron's ``GPTDataset`` built by ``BlendedMegatronData
 the usual data flags, and the loss is token-summed cross entropy returned with its token count, the
 form Megatron's schedules and training log average over the global batch.
 
+At evaluation, a model with expert-choice routers (``--moe-router-type expert_choice``) evaluates each
+micro-batch twice: with the causal rule its routers use outside training (``--moe-ec-eval-rule``), reported
+as ``lm loss``, and again under ``batch_choice`` (the training rule, which sees later tokens of the
+micro-batch), reported as ``lm loss (batch choice)``; Megatron's evaluation prints every key of the loss
+dictionary, so the gap between the two is in the evaluation log. With pipeline parallelism the second pass
+would need its own pipeline schedule, so there only ``lm loss`` is reported (a notice says so once).
+
 Every rank builds its datasets (``is_distributed = True``) and reads its own loader instead of
 receiving batches from TP rank 0: on CPU the datasets are small, the samplers are deterministic
 per data-parallel rank, and it needs no broadcast of batches.
@@ -25,6 +32,11 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.training import get_args, get_tokenizer
 from megatron.training.utils.common_utils import get_blend_and_blend_per_split
+
+from megatron_moe_ext.layers.expert_choice_router import batch_choice, expert_choice_routers
+
+BATCH_CHOICE_LOSS_KEY = "lm loss (batch choice)"
+_NOTICES: set[str] = set()
 
 _LOSS_LOG: dict[str, Any] = {"path": None, "file": None}
 
@@ -81,19 +93,40 @@ def train_valid_test_datasets_provider(train_val_test_num_samples: list[int]):
 train_valid_test_datasets_provider.is_distributed = True  # read by build_train_valid_test_data_loaders
 
 
-def loss_func(loss_mask_BS: torch.Tensor, output_tensor: torch.Tensor, *, training: bool = True):
-    """Token-summed LM loss, its token count, and the [sum, count] pair Megatron logs as 'lm loss'."""
+def loss_func(loss_mask_BS: torch.Tensor, output_tensor: torch.Tensor, *, training: bool = True,
+              batch_choice_output: torch.Tensor | None = None):
+    """Token-summed LM loss, its token count, and the [sum, count] pair Megatron logs as 'lm loss'; with
+    ``batch_choice_output`` (evaluation of an expert-choice model) also its [sum, count] as
+    ``BATCH_CHOICE_LOSS_KEY``."""
     losses = output_tensor.float().view(-1)
     mask = loss_mask_BS.view(-1).float()
     loss_sum = torch.sum(losses * mask)
     num_tokens = mask.sum().to(torch.int)
     _log_loss(loss_sum.detach(), num_tokens, training)
-    report = torch.cat([loss_sum.detach().view(1), num_tokens.float().view(1)])
-    return loss_sum, num_tokens, {"lm loss": report}
+    report = {"lm loss": torch.cat([loss_sum.detach().view(1), num_tokens.float().view(1)])}
+    if batch_choice_output is not None:
+        batch_sum = torch.sum(batch_choice_output.detach().float().view(-1) * mask)
+        report[BATCH_CHOICE_LOSS_KEY] = torch.cat([batch_sum.view(1), num_tokens.float().view(1)])
+    return loss_sum, num_tokens, report
+
+
+def reports_batch_choice(model: torch.nn.Module) -> bool:
+    """An evaluation forward of ``model`` also reports the batch-choice loss: it is in eval mode, has
+    expert-choice routers, and runs on one pipeline stage."""
+    if model.training or not expert_choice_routers(model):
+        return False
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        if "pp" not in _NOTICES and torch.distributed.get_rank() == 0:
+            print("note: with pipeline parallelism the evaluation reports the causal-rule loss of the expert-choice "
+                  f"routers only (no '{BATCH_CHOICE_LOSS_KEY}')", flush=True)
+        _NOTICES.add("pp")
+        return False
+    return True
 
 
 def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module, return_schedule_plan: bool = False):
-    """One micro-batch through the model; returns the per-token losses and the loss function."""
+    """One micro-batch through the model; returns the per-token losses and the loss function (at
+    evaluation of an expert-choice model, the loss function also gets the batch-choice forward's losses)."""
     batch = next(data_iterator)
     tokens_BS = batch["tokens"]
     labels_BS = batch["labels"]
@@ -101,4 +134,8 @@ def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.
     attention_mask = batch.get("attention_mask")
     position_ids_BS = batch["position_ids"]
     output = model(tokens_BS, position_ids_BS, attention_mask, labels=labels_BS, loss_mask=loss_mask_BS)
-    return output, partial(loss_func, loss_mask_BS, training=model.training)
+    batch_output = None
+    if reports_batch_choice(model):
+        with torch.no_grad(), batch_choice(model):
+            batch_output = model(tokens_BS, position_ids_BS, attention_mask, labels=labels_BS, loss_mask=loss_mask_BS)
+    return output, partial(loss_func, loss_mask_BS, training=model.training, batch_choice_output=batch_output)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 # No module-level torch/Megatron imports: torch_dist checkpointing's spawn Manager re-imports this
 # module in a child process, which then starts in a fraction of a second instead of seconds.
@@ -50,8 +50,9 @@ RANK_MODULES: tuple[str, ...] = (
 )
 
 
-def rank_main(argv: Sequence[str]) -> None:
-    """Parse Megatron's flags (plus ours) from ``argv`` and run ``pretrain`` on this rank."""
+def rank_main(argv: Sequence[str], *, wrap_step: Callable[[Callable], Callable] | None = None) -> None:
+    """Parse Megatron's flags (plus ours) from ``argv`` and run ``pretrain`` on this rank; ``wrap_step``, when
+    given, wraps the forward step (``training/routing_checkpoints.py``)."""
     from megatron_moe_ext.runtime.rank import setup_rank
 
     setup_rank("train")
@@ -69,7 +70,7 @@ def rank_main(argv: Sequence[str]) -> None:
         pretrain_cfg_container_from_args(args, gpt_model_config(args)),
         train_valid_test_datasets_provider,
         ModelType.encoder_or_decoder,
-        forward_step,
+        forward_step if wrap_step is None else wrap_step(forward_step),
     )
 
 

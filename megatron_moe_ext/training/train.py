@@ -101,6 +101,11 @@ def _launcher_parser() -> argparse.ArgumentParser:
         ALLOW_FRESH_START_FLAG, action="store_true",
         help="let a --load directory without a checkpoint start from scratch (Megatron's behaviour), not an error",
     )
+    parser.add_argument(
+        "--routing-checkpoints", default=None, metavar="ITERS",
+        help="also save the model alone (no optimizer) at these iterations, e.g. 0,10,50, to <--save>/routing "
+             "(torch_dist) for `megatron-moe-ext dynamics` (training/routing_checkpoints.py)",
+    )
     return parser
 
 
@@ -182,6 +187,8 @@ def check_save_dir(path: str) -> None:
 # Default sizing flags that a user's granularity flags replace (instead of contradicting them).
 _SIZING_FLAGS = {"--num-experts", "--moe-router-topk", "--moe-ffn-hidden-size"}
 _GRANULARITY_FLAGS = {"--moe-granularity", "--moe-expansion-rate", "--moe-base-topk"}
+# Default flags a router type does not take (expert choice is balanced by construction: no aux loss).
+_ROUTER_DROPS = {"expert_choice": {"--moe-router-load-balancing-type", "--moe-aux-loss-coeff"}}
 
 
 def _without(argv: Sequence[str], names: set[str]) -> list[str]:
@@ -231,6 +238,9 @@ def prepare_argv(user_argv: Sequence[str], *, cache_dir: str, cpu: bool) -> list
         defaults = list(DEFAULT_MODEL_ARGS)
         if any(a.split("=", 1)[0] in _GRANULARITY_FLAGS for a in user_argv):
             defaults = _without(defaults, _SIZING_FLAGS)
+        router = _flag(user_argv, "--moe-router-type")
+        if router in _ROUTER_DROPS:
+            defaults = _without(defaults, _ROUTER_DROPS[router])
         argv += _fit_default_warmup(defaults, user_argv)
         argv += ["--data-path", prefix, "--data-cache-path", os.path.join(cache_dir, "index")]
         if _flag(user_argv, "--save") is None:
@@ -265,6 +275,7 @@ def start_ranks(
     entry: Callable[[list[str]], object],
     entry_prefix: Sequence[str] = (),
     extra_args_provider: Callable[[argparse.ArgumentParser], argparse.ArgumentParser] | None = add_train_args,
+    routing_checkpoints: str | None = None,
 ) -> int:
     """The launcher half shared by ``train`` and ``launch``: validate everything once, then start the ranks.
 
@@ -272,6 +283,7 @@ def start_ranks(
     and our flags and derivation, checks --save; any ValueError is argparse's usage error (exit 2) before a
     rank starts. ``--dry-run`` prints ``command(nproc, argv)`` (the torchrun equivalent). On CPU the ranks
     are forked from this process (``entry(entry_prefix + argv)``), on GPU torchrun runs ``command``.
+    ``routing_checkpoints`` ("0,10,50") is checked against the run (the entry and command carry it to the ranks).
     """
     cpu = not torch.cuda.is_available()
     nproc = ours.nproc if ours.nproc is not None else (2 if cpu else torch.cuda.device_count())
@@ -299,6 +311,15 @@ def start_ranks(
         save = _flag(full_argv, "--save")
         if save is not None:
             check_save_dir(save)
+        if routing_checkpoints is not None:
+            from megatron_moe_ext.training import routing_checkpoints as rc
+
+            iterations = rc.parse_iterations(routing_checkpoints)
+            rc.check_routing_checkpoints(iterations, train_iters=parsed.train_iters, save=parsed.save,
+                                         ckpt_format=parsed.ckpt_format,
+                                         pipeline=parsed.pipeline_model_parallel_size,
+                                         virtual_pipeline=(parsed.num_layers_per_virtual_pipeline_stage
+                                                           or parsed.num_virtual_stages_per_pipeline_rank))
     except ValueError as err:
         parser.error(str(err))
     rank_cmd = command(nproc, full_argv)
@@ -328,7 +349,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _launcher_parser()
     ours, megatron_argv = parser.parse_known_args(argv)
-    if "RANK" in os.environ:  # already one rank of a torchrun/SLURM job
-        rank_main(megatron_argv)
+    if ours.routing_checkpoints is None:
+        if "RANK" in os.environ:  # already one rank of a torchrun/SLURM job
+            rank_main(megatron_argv)
+            return 0
+        return start_ranks(parser, ours, megatron_argv, command=rank_command, entry=rank_main)
+    from megatron_moe_ext.training import routing_checkpoints as rc
+
+    try:
+        prefix = [rc.ITERATIONS_FLAG, ",".join(map(str, rc.parse_iterations(ours.routing_checkpoints)))]
+    except ValueError as err:
+        parser.error(str(err))
+    if "RANK" in os.environ:
+        rc.rank_main([*prefix, *megatron_argv])
         return 0
-    return start_ranks(parser, ours, megatron_argv, command=rank_command, entry=rank_main)
+
+    def command(nproc: int, argv: list[str]) -> list[str]:  # the same ranks, their forward step wrapped
+        cmd = rank_command(nproc, [])
+        return [*cmd[:-1], "megatron_moe_ext.training.routing_checkpoints", *prefix, *argv]
+
+    return start_ranks(parser, ours, megatron_argv, command=command, entry=rc.rank_main, entry_prefix=prefix,
+                       routing_checkpoints=ours.routing_checkpoints)

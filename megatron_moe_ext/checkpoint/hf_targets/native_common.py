@@ -127,6 +127,16 @@ def group_routing(args: argparse.Namespace) -> tuple[int, int] | None:
 # ---------------------------------------------------------------------------------------------------------
 # Checks shared by all native targets: one human-readable reason per thing none of them reproduces
 # ---------------------------------------------------------------------------------------------------------
+# Why a router of ours has no native equivalent (native routers: softmax/sigmoid top-k per token).
+_ROUTER_REFUSALS = {
+    "product_key": "the product-key router has no native equivalent",
+    "expert_choice": "expert-choice routing (a variable number of experts per token, chosen at inference by a "
+                     "per-expert threshold or the token's top-k of a softmax over all experts, ungated by top-k "
+                     "renormalisation) has no native equivalent",
+    "relu": "ReLU routing (gates ReLU(logits), any number of experts per token) has no native equivalent",
+}
+
+
 def common_reasons(args: argparse.Namespace) -> list[str]:
     """What no native target reproduces exactly, one reason each naming the Megatron flag.
 
@@ -144,8 +154,12 @@ def common_reasons(args: argparse.Namespace) -> list[str]:
 
     refuse(not _get(args, "num_experts"), "a dense model (--num-experts unset): the native targets are MoE "
                                            "architectures")
-    refuse(_get(args, "moe_router_type") not in (None, "topk"),  # None: saved before router types existed
-           f"--moe-router-type {_get(args, 'moe_router_type')!r}: the product-key router has no native equivalent")
+    router = _get(args, "moe_router_type")
+    refuse(router not in (None, "topk"),  # None: saved before router types existed
+           f"--moe-router-type {router!r}: {_ROUTER_REFUSALS.get(router, 'no native equivalent')}")
+    refuse(_get(args, "moe_null_experts"),
+           f"--moe-null-experts {_get(args, 'moe_null_experts')}: native routers have no zero-computation experts "
+           "(every selected expert computes, and the router has one output per expert)")
     refuse(_get(args, "moe_peer_num_experts") is not None,
            f"--moe-peer-num-experts {_get(args, 'moe_peer_num_experts')}: PEER layers have no native equivalent")
     refuse(_get(args, "normalization", "LayerNorm") != "RMSNorm",

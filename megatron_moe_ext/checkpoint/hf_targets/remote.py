@@ -1,7 +1,7 @@
 """Target ``megatron_moe_ext``: our own architecture, shipped as remote code (``checkpoint/remote_code/``).
 
-Every model this package trains that no native transformers architecture reproduces exactly (the product-key
-router, PEER layers, softmax routing with shared experts and QK-norm, Megatron's default flags: linear biases,
+Every model this package trains that no native transformers architecture reproduces exactly (the product-key,
+expert-choice and ReLU routers, null experts, PEER layers, softmax routing with shared experts and QK-norm, Megatron's default flags: linear biases,
 GELU, LayerNorm, learned absolute positions, ...) exports here. The folder gets
 ``config.json`` with ``auto_map`` and the remote-code files; it loads with
 ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``.
@@ -228,6 +228,7 @@ class RemoteTarget:
                 "moe_shared_expert_intermediate_size": shared,
                 "moe_shared_expert_gate": bool(_get(args, "moe_shared_expert_gate")),
             })
+            cfg.update(_router_variant_config(args))
             if cfg["moe_router_type"] == "product_key":
                 cfg.update({
                     "moe_pk_heads": _get(args, "moe_pk_heads"),
@@ -265,7 +266,7 @@ class RemoteTarget:
                 raise ValueError("tied embeddings, but output_layer.weight differs from the word embeddings")
             del tensors["output_layer.weight"]
         _check_tensors(config, tensors, "the checkpoint")
-        keep = {n for n in tensors if n.endswith((".expert_bias", ".row_bias", ".col_bias", ".pk_expert_bias"))}  # fp32 in Megatron
+        keep = {n for n in tensors if n.endswith(_FP32_BUFFERS)}  # fp32 in Megatron
         return HFModel(config=config, tensors=tensors, keep_fp32=keep, code_files=list(CODE_FILES))
 
     # -- import ----------------------------------------------------------------------------------------------------
@@ -275,6 +276,26 @@ class RemoteTarget:
         cfg = _with_defaults(config)
         _check_tensors(cfg, tensors, "the folder")
         return model_flags(cfg), dict(tensors)
+
+
+# Router buffers Megatron keeps in fp32 whatever the model's dtype (written in fp32 by every --dtype).
+_FP32_BUFFERS = (".expert_bias", ".row_bias", ".col_bias", ".pk_expert_bias", ".ec_thresholds", ".ec_threshold_mass",
+                 ".relu_l1_coeff")
+
+
+def _router_variant_config(args: argparse.Namespace) -> dict:
+    """config.json fields of the routers with variable experts per token (issue #22): null experts, the
+    expert-choice causal rule (what inference runs) and the training settings ``import-hf`` restores."""
+    router = _get(args, "moe_router_type")
+    cfg: dict = {"moe_null_experts": int(_get(args, "moe_null_experts") or 0)}
+    if router == "expert_choice":
+        cfg.update({"moe_ec_eval_rule": _get(args, "moe_ec_eval_rule"),
+                    "moe_ec_capacity_factor": float(_get(args, "moe_ec_capacity_factor"))})
+    if router == "relu":
+        cfg.update({"moe_relu_target_sparsity": _get(args, "moe_relu_target_sparsity"),
+                    "moe_relu_l1_coeff": float(_get(args, "moe_relu_l1_coeff")),
+                    "moe_relu_l1_update_rate": float(_get(args, "moe_relu_l1_update_rate"))})
+    return cfg
 
 
 # -- config -> tensors and flags -----------------------------------------------------------------------------------
@@ -292,7 +313,9 @@ _DEFAULTS = {  # MegatronMoEExtConfig's defaults for the fields a config.json ma
     "moe_router_noisy_gating": False, "moe_apply_probs_on_input": False, "moe_shared_expert_intermediate_size": None,
     "moe_shared_expert_gate": False, "moe_pk_heads": 1, "moe_pk_key_dim": 128, "moe_pk_subkey_topk": None,
     "moe_pk_grid_rows": None, "moe_pk_query_norm": "batchnorm", "moe_pk_bias_balancing": False,
-    "moe_pk_expert_bias_balancing": False,
+    "moe_pk_expert_bias_balancing": False, "moe_null_experts": 0, "moe_ec_eval_rule": "threshold",
+    "moe_ec_capacity_factor": 1.0, "moe_relu_target_sparsity": None, "moe_relu_l1_coeff": 1e-8,
+    "moe_relu_l1_update_rate": 1.2,
     "moe_peer_num_experts": None, "moe_peer_table_rows": None, "moe_peer_heads": 8, "moe_peer_topk": 16,
     "moe_peer_key_dim": 128, "moe_peer_subkey_topk": None, "moe_peer_query_norm": "batchnorm",
     "moe_peer_activation": "gelu", "moe_peer_gate": "softmax", "moe_peer_shared_ffn_hidden_size": None,
@@ -365,9 +388,10 @@ def expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
             if bias:  # stacked like the weights: [E, out]
                 out[f"{mlp}experts.experts.linear_fc1.bias"] = (E, fc1_rows(F))
                 out[f"{mlp}experts.experts.linear_fc2.bias"] = (E, h)
+            M = c["moe_null_experts"]  # null experts: router outputs (grid cells) with no expert weights
             if c["moe_router_type"] == "product_key":
                 H, D = c["moe_pk_heads"], c["moe_pk_key_dim"]
-                pool = E // H
+                pool = (E + M) // H
                 rows = c["moe_pk_grid_rows"] or math.isqrt(pool)
                 cols = pool // rows
                 out[f"{mlp}router.query_weight"] = (H * D, h)
@@ -385,11 +409,16 @@ def expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
                     out[f"{mlp}router.noise_row_weight"] = (H * rows, h)
                     out[f"{mlp}router.noise_col_weight"] = (H * cols, h)
             else:
-                linear(f"{mlp}router.", E, h)
+                linear(f"{mlp}router.", E + M, h)
                 if c["moe_router_enable_expert_bias"]:
-                    out[f"{mlp}router.expert_bias"] = (E,)
+                    out[f"{mlp}router.expert_bias"] = (E + M,)
                 if c["moe_router_noisy_gating"]:
-                    out[f"{mlp}router.noise_weight"] = (E, h)
+                    out[f"{mlp}router.noise_weight"] = (E + M, h)
+                if c["moe_router_type"] == "expert_choice":
+                    out[f"{mlp}router.ec_thresholds"] = (E + M,)
+                    out[f"{mlp}router.ec_threshold_mass"] = (1,)
+                if c["moe_router_type"] == "relu":
+                    out[f"{mlp}router.relu_l1_coeff"] = (1,)
             shared = c["moe_shared_expert_intermediate_size"]
             if shared:
                 out[f"{mlp}shared_experts.linear_fc1.weight"] = (fc1_rows(shared), h)
@@ -527,6 +556,16 @@ def _moe_flags(c: dict, kinds: list[str]) -> list[str]:
         flags += ["--moe-router-dtype", c["moe_router_dtype"]]
     if c["moe_shared_expert_intermediate_size"]:
         flags += ["--moe-shared-expert-intermediate-size", str(c["moe_shared_expert_intermediate_size"])]
+    if c["moe_null_experts"]:
+        flags += ["--moe-null-experts", str(c["moe_null_experts"])]
+    if c["moe_router_type"] == "expert_choice":
+        flags += ["--moe-router-type", "expert_choice", "--moe-ec-eval-rule", c["moe_ec_eval_rule"],
+                  "--moe-ec-capacity-factor", repr(float(c["moe_ec_capacity_factor"]))]
+    if c["moe_router_type"] == "relu":
+        flags += ["--moe-router-type", "relu", "--moe-relu-l1-coeff", repr(float(c["moe_relu_l1_coeff"])),
+                  "--moe-relu-l1-update-rate", repr(float(c["moe_relu_l1_update_rate"]))]
+        if c["moe_relu_target_sparsity"] is not None:
+            flags += ["--moe-relu-target-sparsity", repr(float(c["moe_relu_target_sparsity"]))]
     if c["moe_router_type"] == "product_key":
         flags += ["--moe-router-type", "product_key", "--moe-pk-heads", str(c["moe_pk_heads"]),
                   "--moe-pk-key-dim", str(c["moe_pk_key_dim"]), "--moe-pk-query-norm", c["moe_pk_query_norm"]]

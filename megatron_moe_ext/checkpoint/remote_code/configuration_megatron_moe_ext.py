@@ -20,7 +20,8 @@ MLP_KINDS = ("dense", "moe", "peer")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 ACTIVATIONS = ("silu", "gelu", "squared_relu")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
-ROUTER_TYPES = ("topk", "product_key")
+ROUTER_TYPES = ("topk", "product_key", "expert_choice", "relu")
+EC_EVAL_RULES = ("threshold", "token_choice")
 SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
 QUERY_NORMS = ("batchnorm", "layernorm", "rmsnorm", "none")
 PEER_ACTIVATIONS = ("gelu", "relu", "silu")
@@ -90,7 +91,20 @@ class MegatronMoEExtConfig(PreTrainedConfig):
     moe_ffn_hidden_size: int | None = None
     moe_router_topk: int = 2
     moe_router_type: str = "topk"
-    """'topk' (Megatron's TopKRouter) or 'product_key' (ours)."""
+    """'topk' (Megatron's TopKRouter), 'product_key', 'expert_choice' (its causal rule, ``moe_ec_eval_rule``) or
+    'relu' (gates ReLU(logits), ReMoE): ours."""
+    moe_null_experts: int = 0
+    """M zero-computation experts: the router has num_experts + M outputs (ids >= num_experts are null; a null
+    selection adds nothing), for the top-k, product-key (grid of num_experts + M cells) and expert-choice routers."""
+    moe_ec_eval_rule: str = "threshold"
+    """Expert choice at inference (causal, token by token): 'threshold' (expert e iff score >= the trained
+    ``ec_thresholds[e]``) or 'token_choice' (the top moe_router_topk scores); gate = the softmax score."""
+    moe_ec_capacity_factor: float = 1.0
+    """Expert choice in training (kept for ``import-hf``; inference uses the causal rule)."""
+    moe_relu_target_sparsity: float | None = None
+    moe_relu_l1_coeff: float = 1e-8
+    moe_relu_l1_update_rate: float = 1.2
+    """ReLU router's training controller (kept for ``import-hf``; the current coefficient is ``relu_l1_coeff``)."""
     moe_router_score_function: str = "softmax"
     moe_router_pre_softmax: bool = False
     moe_router_topk_scaling_factor: float | None = None
@@ -177,21 +191,29 @@ class MegatronMoEExtConfig(PreTrainedConfig):
         if "moe" in self.mlp_kinds and self.moe_router_type == "product_key":
             if self.moe_router_score_function not in ("softmax", "sigmoid"):
                 raise bad("moe_router_score_function", self.moe_router_score_function, "softmax or sigmoid")
-            if self.num_experts % self.moe_pk_heads or self.moe_router_topk % self.moe_pk_heads:
-                raise bad("moe_pk_heads", self.moe_pk_heads, "a divisor of num_experts and moe_router_topk")
+            cells = self.num_experts + self.moe_null_experts
+            if cells % self.moe_pk_heads or self.moe_router_topk % self.moe_pk_heads:
+                raise bad("moe_pk_heads", self.moe_pk_heads,
+                          "a divisor of num_experts + moe_null_experts and moe_router_topk")
             if self.moe_pk_key_dim % 2:
                 raise bad("moe_pk_key_dim", self.moe_pk_key_dim, "an even number")
-            pool = self.num_experts // self.moe_pk_heads
+            pool = cells // self.moe_pk_heads
             rows = self.moe_pk_grid_rows or math.isqrt(pool)
             if pool % rows or (self.moe_pk_grid_rows is None and rows * rows != pool):
                 raise bad("moe_pk_grid_rows", self.moe_pk_grid_rows,
                           f"a divisor of the {pool} experts per head (or a perfect-square pool)")
+        if self.moe_ec_eval_rule not in EC_EVAL_RULES:
+            raise bad("moe_ec_eval_rule", self.moe_ec_eval_rule, f"one of {EC_EVAL_RULES}")
+        if not isinstance(self.moe_null_experts, int) or self.moe_null_experts < 0:
+            raise bad("moe_null_experts", self.moe_null_experts, "an int >= 0")
+        if self.moe_null_experts and self.moe_router_type == "relu":
+            raise bad("moe_null_experts", self.moe_null_experts, "0 with the ReLU router (a zero gate skips an expert)")
         if bool(self.moe_router_num_groups) != bool(self.moe_router_group_topk):
             raise bad("moe_router_group_topk", self.moe_router_group_topk, "set both num_groups and group_topk, or none")
 
     def product_key_grid(self) -> tuple[int, int]:
-        """(rows, cols) of each product-key router head's expert grid."""
-        pool = self.num_experts // self.moe_pk_heads
+        """(rows, cols) of each product-key router head's expert grid (null experts are cells too)."""
+        pool = (self.num_experts + self.moe_null_experts) // self.moe_pk_heads
         rows = self.moe_pk_grid_rows or math.isqrt(pool)
         return rows, pool // rows
 

@@ -22,7 +22,13 @@ Megatron layers run (``product_key_core.py``, ``peer_reference.py``, ``query_nor
 Megatron's own TopKRouter and attention are re-implemented here from megatron-core 0.19's code.
 
 Legend: B batch, S new tokens, L cached + new tokens, T = B*S, h hidden, nh query heads, ng query groups,
-hd head dim, E experts, K top-k, F expert hidden, H retrieval heads, D key dim.
+hd head dim, E experts, K top-k, F expert hidden, H retrieval heads, D key dim; N real experts, M null experts
+(E' = N + M router outputs).
+
+Routers with variable experts per token (issue #22), in their inference form: expert choice with its causal rule
+(``moe_ec_eval_rule``: 'threshold' on the trained ``ec_thresholds``, or 'token_choice'), ReLU gates, and null
+experts (a router of N + M outputs whose ids >= N add nothing). A router returns (probs_TK, ids_TK); a slot whose
+id is -1 or a null id is skipped by the experts, so each token gets any number of experts.
 """
 
 from __future__ import annotations
@@ -241,7 +247,7 @@ class TopKRouter(nn.Module):
     def __init__(self, config: MegatronMoEExtConfig) -> None:
         super().__init__()
         self.config = config
-        E = config.num_experts
+        E = config.num_experts + config.moe_null_experts  # null experts are router outputs too
         self.weight = nn.Parameter(torch.empty(E, config.hidden_size))
         self.bias = nn.Parameter(torch.zeros(E)) if config.add_bias_linear else None
         if config.moe_router_enable_expert_bias:
@@ -351,6 +357,64 @@ class ProductKeyRouter(nn.Module):
         return probs_TK.to(out_dtype), pooled_expert_ids(local_THk, self.rows * self.cols)
 
 
+class ExpertChoiceRouter(nn.Module):
+    """Our expert-choice router (``layers/expert_choice_router.py``) at inference: scores = softmax over the N + M
+    logits (x W^T + b in the router dtype; softmax in fp32, fp64 with ``moe_router_dtype`` 'fp64'), then the
+    causal rule of ``moe_ec_eval_rule`` token by token: 'threshold' (e iff score >= ec_thresholds[e]) or
+    'token_choice' (the top moe_router_topk scores); gate = score, not renormalised. ids_TK [T, N + M]: column e
+    holds e where chosen, else -1."""
+
+    def __init__(self, config: MegatronMoEExtConfig) -> None:
+        super().__init__()
+        self.config = config
+        E = config.num_experts + config.moe_null_experts
+        self.weight = nn.Parameter(torch.empty(E, config.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(E)) if config.add_bias_linear else None
+        self.register_buffer("ec_thresholds", torch.zeros(E, dtype=torch.float32))
+        self.register_buffer("ec_threshold_mass", torch.zeros(1, dtype=torch.float32))  # training state
+
+    def forward(self, x_Th: Tensor) -> tuple[Tensor, Tensor]:
+        cfg = self.config
+        dtype = _router_dtype(cfg.moe_router_dtype, x_Th.dtype)
+        logits_TE = F.linear(x_Th.to(dtype), self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
+        scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float64 if cfg.moe_router_dtype == "fp64"
+                                  else torch.float32)
+        if cfg.moe_ec_eval_rule == "threshold":
+            map_TE = scores_TE >= self.ec_thresholds.to(scores_TE.dtype)
+        else:
+            idx_TK = torch.topk(scores_TE, cfg.moe_router_topk, dim=-1).indices
+            map_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter_(1, idx_TK, True)
+        probs_TE = (scores_TE * map_TE).to(logits_TE.dtype)
+        ids_TE = torch.arange(map_TE.shape[1], device=map_TE.device).expand_as(map_TE)
+        return probs_TE, torch.where(map_TE, ids_TE, torch.full_like(ids_TE, -1))
+
+
+class ReluRouter(nn.Module):
+    """Our ReLU router (ReMoE; ``layers/relu_router.py``) at inference: gates = ReLU(x W^T + b) in fp32 (logits
+    in the router dtype), expert e iff its gate > 0, gate not renormalised; probs in the logits' dtype.
+    ``relu_l1_coeff`` [1] is the training controller's coefficient (kept so the state round-trips)."""
+
+    def __init__(self, config: MegatronMoEExtConfig) -> None:
+        super().__init__()
+        self.config = config
+        E = config.num_experts
+        self.weight = nn.Parameter(torch.empty(E, config.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(E)) if config.add_bias_linear else None
+        self.register_buffer("relu_l1_coeff", torch.full((1,), config.moe_relu_l1_coeff, dtype=torch.float32))
+
+    def forward(self, x_Th: Tensor) -> tuple[Tensor, Tensor]:
+        cfg = self.config
+        dtype = _router_dtype(cfg.moe_router_dtype, x_Th.dtype)
+        logits_TE = F.linear(x_Th.to(dtype), self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
+        gates_TE = torch.relu(logits_TE.float())
+        ids_TE = torch.arange(gates_TE.shape[1], device=gates_TE.device).expand_as(gates_TE)
+        return gates_TE.to(logits_TE.dtype), torch.where(gates_TE > 0, ids_TE, torch.full_like(ids_TE, -1))
+
+
+_ROUTERS = {"topk": TopKRouter, "product_key": ProductKeyRouter, "expert_choice": ExpertChoiceRouter,
+            "relu": ReluRouter}
+
+
 class _Stacked(nn.Module):
     """One stacked expert weight [E, out, in] (and bias [E, out]), so names read ``linear_fc1.weight`` as in
     Megatron's checkpoints."""
@@ -380,6 +444,8 @@ class StackedExperts(nn.Module):
         token_P = torch.arange(T, device=x_Th.device).repeat_interleave(K)
         probs_P = probs_TK.reshape(-1)
         for e in torch.unique(flat_ids).tolist():
+            if not 0 <= e < self.config.num_experts:  # an empty slot (-1) or a null expert: no compute, no output
+                continue
             sel = (flat_ids == e).nonzero(as_tuple=True)[0]
             rows, p = token_P[sel], probs_P[sel].unsqueeze(-1)
             x_nh = x_Th[rows]
@@ -408,7 +474,7 @@ class MoELayer(nn.Module):
     def __init__(self, config: MegatronMoEExtConfig) -> None:
         super().__init__()
         self.linear_fc1 = NormLinear(config, config.hidden_size, None)  # the layer's pre-MLP norm
-        self.router = ProductKeyRouter(config) if config.moe_router_type == "product_key" else TopKRouter(config)
+        self.router = _ROUTERS[config.moe_router_type](config)
         self.experts = _ExpertsSlot(config)
         self.shared_experts = None
         if config.moe_shared_expert_intermediate_size:
@@ -536,8 +602,11 @@ class MegatronMoEExtPreTrainedModel(PreTrainedModel):
         for name, buf in module.named_buffers(recurse=False):
             if name == "running_var":
                 init.ones_(buf)
-            elif name in ("running_mean", "expert_bias", "row_bias", "col_bias", "pk_expert_bias"):
+            elif name in ("running_mean", "expert_bias", "row_bias", "col_bias", "pk_expert_bias", "ec_thresholds",
+                          "ec_threshold_mass"):
                 init.zeros_(buf)
+            elif name == "relu_l1_coeff":
+                init.constant_(buf, module.config.moe_relu_l1_coeff)
 
 
 class MegatronMoEExtForCausalLM(MegatronMoEExtPreTrainedModel, GenerationMixin):
