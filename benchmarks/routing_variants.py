@@ -6,7 +6,7 @@ average (the accounting's ``expected_active_experts``):
 
 * ``token choice``   Megatron's top-2 (its aux loss 1e-2, the demo's default);
 * ``expert choice``  each expert takes c = ceil(T x 2 / 4 x 1.0) tokens of its group (capacity factor 1; no aux
-                     loss: balanced by construction; the allgather dispatcher, which variable rows need);
+                     loss: balanced by construction; the allgather dispatcher, as for every variable-row router);
 * ``ReMoE``          ReLU gates with the adaptive L1 penalty, target sparsity 1 - 2/4 (allgather dispatcher);
 * ``null experts``   top-4 over 4 real + 4 null experts: 4 x 4/8 = 2 real experts per token under balanced routing
                      (allgather dispatcher).

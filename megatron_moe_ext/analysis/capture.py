@@ -169,7 +169,7 @@ def capture(plan: CapturePlan) -> dict | None:
     writer = None
     if rank == 0:
         specs = [LayerSpec(layer=s.layer, num_experts=s.num_experts, top_k=s.top_k, num_heads=s.num_heads,
-                           hidden_size=s.hidden_size) for s in recorder.layers.values()]
+                           hidden_size=s.hidden_size, null_experts=s.null_experts, variable=s.variable) for s in recorder.layers.values()]
         metadata = {"model": plan.name, "checkpoint": plan.iter_dir, "iteration": plan.iteration,
                     "layer_kinds": {str(n): s.kind for n, s in recorder.layers.items()},
                     "label_names": list(windows.label_names), "seq_length": S,

@@ -179,6 +179,7 @@ class ReluRouter(BalancingMixin, TopKRouter):
             sparsity = (layer_counts[0] / layer_counts[1]).float()
             values = {
                 "relu_l1_coeff": self.relu_l1_coeff[0].float(),
+                "relu_l1_coeff_log10": torch.log10(self.relu_l1_coeff[0].float()),
                 "relu_sparsity": sparsity,
                 "active_experts": (1.0 - sparsity) * cfg.num_moe_experts,
             }

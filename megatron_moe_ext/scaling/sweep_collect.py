@@ -19,7 +19,8 @@ from megatron_moe_ext.scaling.log_parsing import finished, parse_train_log
 from megatron_moe_ext.scaling.sweep_run import is_done, load_plan
 
 RESULT_COLUMNS = ("run", "kind", "seed", "budget_flops", "params", "total_params", "tokens", "granularity",
-                  "experts", "topk", "expansion_rate", "flops", "loss", "best_loss", "final_train_loss", "iterations")
+                  "experts", "topk", "expansion_rate", "router", "flops", "loss", "best_loss", "final_train_loss",
+                  "iterations")
 TRAIN_LOSS_WINDOW = 20
 
 
@@ -41,7 +42,8 @@ def result_row(row: dict[str, Any], log_text: str) -> dict[str, Any]:
         "params": row["params"], "total_params": row["total_params"], "tokens": row["tokens"],
         "granularity": row["granularity"] if moe else "", "experts": row["experts"] if moe else "",
         "topk": row["topk"] if moe else "", "expansion_rate": row["expansion_rate"] if moe else "",
-        "flops": row["flops"], "loss": final, "best_loss": min(loss for _, loss, _ in log.validation),
+        # plans written before the router axis (issue #22) have no router column: token choice
+        "router": row.get("router") or "topk" if moe else "", "flops": row["flops"], "loss": final, "best_loss": min(loss for _, loss, _ in log.validation),
         "final_train_loss": sum(log.train_loss[it] for it in window) / len(window), "iterations": iters,
     }
 

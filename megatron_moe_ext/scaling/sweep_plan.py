@@ -101,8 +101,8 @@ class RouterVariant:
     base_topk: int
 
 
-# Rows with a variable number of experts need Megatron's allgather dispatcher (its alltoall permutes a static
-# tokens x top-k); expert choice refuses alltoall outright.
+# Rows with a variable number of experts run with Megatron's allgather dispatcher (it counts the routed tokens;
+# alltoall needs the integration row variable-experts-alltoall), one dispatcher for every variable-row run.
 _VARIABLE_ROWS = ("--moe-token-dispatcher-type", "allgather")
 # Balancing flags the expert-choice router refuses (settings/expert_choice.py), so extra flags may not add them.
 _EC_REFUSED = frozenset({"--moe-router-load-balancing-type", "--moe-aux-loss-coeff", "--moe-balance-losses",

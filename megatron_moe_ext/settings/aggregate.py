@@ -21,7 +21,8 @@ from megatron_moe_ext.settings.router import RouterSettings, router_settings
 Getter = Callable[[str], Any]
 
 # What the variable-compute routers record in Megatron's MoE metrics tracker (issue #22's contract).
-RELU_METRICS = ("relu_l1_loss", "relu_l1_coeff", "relu_sparsity", "active_experts")
+# relu_l1_coeff_log10: Megatron's console prints non-loss metrics with 2 decimals, where 1e-8 reads 0.00.
+RELU_METRICS = ("relu_l1_loss", "relu_l1_coeff", "relu_l1_coeff_log10", "relu_sparsity", "active_experts")
 NULL_EXPERT_METRICS = ("null_fraction", "active_experts")
 EXPERT_CHOICE_METRICS = ("active_experts", "ec_unrouted_fraction")
 

@@ -12,6 +12,8 @@ variable-experts-alltoall (Megatron 0.19's dropless alltoall would permute a sta
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -78,8 +80,10 @@ def references() -> dict:
     return out
 
 
-def parallel_runs(refs: dict) -> dict:
-    """Every case at its layout on the two ranks, one after another."""
+def parallel_runs(states_bytes: bytes) -> dict:
+    """Every case at its layout on the two ranks, one after another (the reference weights come as one
+    torch.save blob: passed as tensors, their many storages would exceed the fds a forkserver can send)."""
+    states = torch.load(io.BytesIO(states_bytes))
     from megatron.core import parallel_state as ps
 
     from megatron_moe_ext.testing.tiny import (
@@ -98,7 +102,7 @@ def parallel_runs(refs: dict) -> dict:
     for name, (overrides, parallel) in CASES.items():
         initialize_parallel(seed=99, **parallel)
         model = build_tiny_gpt(tiny_config(**overrides, **parallel_sizes(**parallel)))
-        load_reference_weights(model, refs[name]["state"])
+        load_reference_weights(model, states[name])
         ddp = wrap_ddp(model)
         losses = forward_backward(ddp, [data_parallel_slice(b) for b in _batches()])
         out[name] = {
@@ -113,7 +117,9 @@ def parallel_runs(refs: dict) -> dict:
 @pytest.fixture(scope="module")
 def runs() -> tuple[dict, list[dict]]:
     (refs,) = run_distributed(references, 1)
-    ranks = run_distributed(parallel_runs, 2, refs)
+    blob = io.BytesIO()
+    torch.save({name: ref["state"] for name, ref in refs.items()}, blob)
+    ranks = run_distributed(parallel_runs, 2, blob.getvalue())
     return refs, ranks
 
 

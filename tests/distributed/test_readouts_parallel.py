@@ -100,7 +100,7 @@ def build_planted_model(ep: int, extra: tuple[str, ...] = ()) -> tuple[torch.nn.
     return model, args
 
 
-def run_readouts(ep: int, extra: tuple[str, ...] = ()) -> dict | None:
+def run_readouts(ep: int, extra: tuple[str, ...] = (), *, tp: int = 1, iter_dir: str | None = None) -> dict | None:
     """Rank function: the planted model at EP ``ep`` (TP 1) on this world; label every token with its layer-1
     top-1 expert, run LogitLens and Probes as capture does; rank 0 returns their results."""
     from megatron.core import parallel_state as ps
@@ -110,11 +110,22 @@ def run_readouts(ep: int, extra: tuple[str, ...] = ()) -> dict | None:
     from megatron_moe_ext.analysis.probes import Probes
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    model, args = build_planted_model(ep, extra)
+    if iter_dir is None:
+        model, args = build_planted_model(ep, extra)
+    else:  # the planted model saved by save_planted_checkpoint, loaded at this layout
+        from megatron_moe_ext.analysis.checkpoint_model import analysis_args, read_checkpoint_args
+        from megatron_moe_ext.checkpoint.model import load_model
+
+        args = analysis_args(read_checkpoint_args(iter_dir), tp=tp, ep=ep, world_size=world, rank=rank,
+                             micro_batch_size=MICRO)
+        model = load_model(iter_dir, args)
+        model.eval()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     env = RankEnv(rank=rank, world_size=world, data_parallel_rank=dp_rank, data_parallel_size=dp,
-                  data_parallel_group=ps.get_data_parallel_group(), tensor_parallel_size=1, expert_parallel_size=ep,
-                  sequence_parallel=False, seq_length=SEQ, micro_batch_size=MICRO,
+                  data_parallel_group=ps.get_data_parallel_group(), tensor_parallel_size=tp, expert_parallel_size=ep,
+                  sequence_parallel=bool(args.sequence_parallel), seq_length=SEQ, micro_batch_size=MICRO,
+                  tensor_parallel_rank=ps.get_tensor_model_parallel_rank(),
+                  tensor_parallel_group=ps.get_tensor_model_parallel_group(),
                   label_names=("id%4=0", "id%4=1", "id%4=2", "id%4=3"), seed=5,
                   options={"probe_max_tokens": 400, "probe_test_fraction": 0.25, "probe_c": 1.0}, model_args=args)
     tokens_WS = _text_windows()
@@ -139,7 +150,7 @@ def run_readouts(ep: int, extra: tuple[str, ...] = ()) -> dict | None:
                 return model(batch.tokens_BS, position_ids, None, labels=targets).float()
 
             clean = run()
-            window_T, position_T = router_rows(batch, env, SEQ * MICRO)
+            window_T, position_T = router_rows(batch, env, top1["ids"].numel())
             agree.append(top1["ids"].numpy() == batch.labels_BS[np.searchsorted(ids, window_T), position_T])
             for inst in instruments:
                 inst.on_batch(batch, clean, run)

@@ -44,6 +44,23 @@ TEMPLATES = {
         "a GPU recipe (8 ranks); the launch path is tested by tests/e2e/test_launch.py",
     "megatron-moe-ext train $(cat runs/demo/imported/megatron_flags.txt) --load runs/demo/imported --save runs/demo/continued":
         "run below with the flags file read",
+    # docs/interpretability.md (issue #23)
+    "megatron-moe-ext analyze --checkpoint CKPT --interventions all --out R":
+        "tests/e2e/test_interventions.py (every intervention through capture) and test_compare_sweep.py (the CLI)",
+    "megatron-moe-ext analyze --checkpoint CKPT --data web.txt code.txt --interventions expert_ablation,frozen_paths "
+    "--ablate-experts 1:0,1:3 --ablate-top-m 2 --renormalize --frozen-paths 1,4,16,all --out R":
+        "tests/e2e/test_interventions.py (these options on the known-answer model)",
+    "megatron-moe-ext compare --sweep runs/sweep --interventions all --out R2": "tests/e2e/test_compare_sweep.py",
+    "megatron-moe-ext analyze --checkpoint CKPT --readouts all --out R":
+        "tests/e2e/test_interventions.py::test_readouts_and_interventions_through_the_cli",
+    "megatron-moe-ext analyze --checkpoint CKPT --readouts logit_lens,probes --nproc 2 --tp 2 --out R":
+        "tests/distributed/test_readouts_tp.py (TP=2+SP against one rank)",
+    "megatron-moe-ext analyze --checkpoint CKPT --readouts probes --probe-max-tokens 20000 --probe-c 0.1 --out R":
+        "tests/distributed/test_readouts_parallel.py (the probe options)",
+    "megatron-moe-ext dynamics --run runs/dyn/checkpoints --out runs/dyn/dynamics --nproc 2 --ep 2":
+        "tests/e2e/test_dynamics.py (a run with three routing checkpoints)",
+    "megatron-moe-ext analyze --checkpoint runs/demo/checkpoints --readouts moefication --out runs/demo/moefication":
+        "tests/e2e/test_moefication_capture.py (analyze --readouts moefication at EP=2 and EP=1)",
 }
 
 

@@ -204,3 +204,32 @@ def test_bad_intervention_input_fails_before_any_rank_starts(runs, tmp_path, cap
                       "--readouts", "probes", "--cache-dir", str(runs["root"] / "cache")], capsys)
     assert "probes need tokens of at least 2 labels, the data has 1" in err and "fix:" in err
     assert list(tmp_path.iterdir()) == []  # nothing written, no temporary sibling left
+
+
+def test_readouts_and_interventions_through_the_cli(runs, tmp_path) -> None:
+    """`analyze --readouts all --interventions all` from the command line (the documented form), at EP=2 on two
+    text files: every instrument that applies has its summary.json key and report section, nothing else is left."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import shared_cache
+
+    for name, text in (("web.txt", "the quick brown fox jumps over the lazy dog. " * 60),
+                       ("code.txt", "def f(x):\n    return x * 2 + 1\n" * 60)):
+        (tmp_path / name).write_text(text)
+    out = tmp_path / "R"
+    env = dict(os.environ, MEGATRON_MOE_EXT_CACHE=shared_cache())
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_moe_ext", "analyze", "--checkpoint", str(runs["ckpt"]), "--data",
+         str(tmp_path / "web.txt"), str(tmp_path / "code.txt"), "--readouts", "all", "--interventions", "all",
+         "--nproc", "2", "--ep", "2", "--max-tokens", "2048", "--out", str(out)],
+        capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    model = next(iter(summary["models"].values()))
+    report = (out / "report.md").read_text()
+    for name in (*NAMES, "logit_lens", "probes", "coactivation", "moefication"):
+        assert name in model, f"summary.json lacks {name}"
+        assert name in report, f"report.md lacks a section for {name}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["R", "code.txt", "web.txt"]
