@@ -17,7 +17,7 @@ the last ``--last`` logged iterations), the validation loss at the end (for expe
 the batch choice beside it), and from the same iterations the mean MaxVio (``max_violation``, our balance metric:
 over the router's N + M outputs with null experts), active experts per token (``active_experts`` as the routers
 log it; token choice has exactly top-k = 2) and the null fraction (``null_fraction``). Then the mean over seeds.
-Not a timing benchmark. The lead records the 300-iteration table in RESULTS.md:
+Not a timing benchmark. RESULTS.md records the 300-iteration table of:
 
     python benchmarks/routing_variants.py --iters 300 --seeds 1234,42 --markdown /tmp/routing_variants.md
 """

@@ -215,8 +215,9 @@ def _demote(text: str, levels: int) -> str:
 
 def _instrument_markdown(doc: dict[str, Any], tmp: str) -> str:
     """One section per instrument any model ran (in the registries' order, unknown names last). Analyze: the
-    instrument module's ``report_section(result, figures_dir)`` as it is (under ``## NAME`` when it has no heading
-    of its own); compare: ``## NAME`` with a ``### model`` part per model, the module's headings two levels down.
+    instrument module's ``report_section(result, figures_dir)`` (under ``## NAME`` when it has no heading of its
+    own, else its first heading followed by `` (`NAME`)``); compare: ``## NAME`` with a ``### model`` part per
+    model, the module's headings two levels down.
     Figures go to a directory of their own per (instrument, model), ``figures/NAME-i-MODEL/``, and the section's
     ``figures/X`` links are pointed there. A ``{"not_applicable": reason}`` result prints the reason."""
     from megatron_moe_ext.analysis.instrument_api import INSTRUMENTS, TRACE_READOUTS
@@ -252,7 +253,12 @@ def _instrument_markdown(doc: dict[str, Any], tmp: str) -> str:
             if compare:
                 md += [f"### `{model}`", "", _demote(text, 2), ""]
             else:
-                md += ([] if text.startswith("#") else [f"## {name}", ""]) + [text, ""]
+                if text.startswith("#"):  # the module's own heading, with the name the flags use
+                    first, _, rest = text.partition("\n")
+                    text = f"{first} (`{name}`)" + ("\n" + rest if rest else "")
+                    md += [text, ""]
+                else:
+                    md += [f"## {name}", "", text, ""]
     return "\n".join(md)
 
 

@@ -177,6 +177,12 @@ REPLACEMENTS: tuple[Replacement, ...] = (
         ("args", "config", "model_config_cls"),
         "the layer spec is selectable only through --spec, which cannot choose per-layer classes from config values",
         "a spec chosen by config (or --spec taking a callable with the config)"),
+    Replacement(
+        "script-eval-batch-choice", "megatron.training:pretrain",
+        "megatron_moe_ext.integration.eval_batch_choice:wrap_pretrain", "script", ("forward_step_func",),
+        "the evaluation log of expert-choice models reports the batch-choice loss next to the causal rule's "
+        "(issue #22): the script's forward step knows nothing of it, and pretrain has no hook around the step",
+        "a forward-step wrapper hook in pretrain (or extra eval passes)", ("0.19.2",)),
 )
 
 SEAMS: tuple[Seam, ...] = (

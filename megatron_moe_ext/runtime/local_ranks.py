@@ -19,8 +19,10 @@ from a cluster launcher anyway).
 from __future__ import annotations
 
 import os
+import random
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from multiprocessing import process as mp_process
 
@@ -42,8 +44,35 @@ def _os_threads() -> int:
 _THREADS_AT_IMPORT = _os_threads()
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(v) for v in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, chosen below the kernel's ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` lies in the ephemeral range, the same range every outgoing
+    connection (gloo's pairs, other jobs' stores) takes its local port from: between our check and the
+    store's ``listen`` one of those can take it (EADDRINUSE, seen on CI with two test workers). Ports below
+    the range are only taken by servers that ask for them by number, so a random one that binds now very
+    likely still binds a moment later.
+    """
+    low, _ = _ephemeral_range()
+    lowest = 20000 if low > 21000 else 1024
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(64):
+        port = rng.randrange(lowest, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -97,19 +97,10 @@ def _teardown() -> None:
         dist.destroy_process_group()
 
 
-def run_distributed(
-    fn: Callable[..., Any],
-    world_size: int,
-    *args: Any,
-    timeout_s: float = 300.0,
-    **kwargs: Any,
-) -> list[Any]:
-    """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks and return the results by rank."""
-    if world_size < 1:
-        raise ValueError(f"world_size={world_size} must be >= 1")
+def _run_once(fn: Callable[..., Any], world_size: int, port: int, args: tuple, kwargs: dict,
+              timeout_s: float) -> tuple[dict[int, Any], dict[int, str]]:
     ctx = _context()
     queue = ctx.Queue()
-    port = free_port()
     env = dict(os.environ)
     procs = [
         ctx.Process(target=_worker, args=(rank, world_size, port, env, fn, args, kwargs, queue), daemon=False)
@@ -159,6 +150,24 @@ def run_distributed(
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5.0)
+    return results, errors
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout_s: float = 300.0,
+    **kwargs: Any,
+) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks and return the results by rank."""
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size} must be >= 1")
+    for attempt in range(3):
+        results, errors = _run_once(fn, world_size, free_port(), args, kwargs, timeout_s)
+        # The store's port was taken between our check and its listen: a new port, not a test failure.
+        if not (errors and all("EADDRINUSE" in e for e in errors.values()) and attempt < 2):
+            break
     if errors or len(results) < world_size:
         missing = [r for r in range(world_size) if r not in results and r not in errors]
         lines = [f"{fn.__module__}.{fn.__name__} failed on {world_size} gloo ranks"]

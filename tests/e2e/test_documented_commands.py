@@ -58,7 +58,7 @@ TEMPLATES = {
     "megatron-moe-ext analyze --checkpoint CKPT --readouts probes --probe-max-tokens 20000 --probe-c 0.1 --out R":
         "tests/distributed/test_readouts_parallel.py (the probe options)",
     "megatron-moe-ext dynamics --run runs/dyn/checkpoints --out runs/dyn/dynamics --nproc 2 --ep 2":
-        "tests/e2e/test_dynamics.py (a run with three routing checkpoints)",
+        "tests/e2e/test_dynamics_cli.py (a run with three routing checkpoints)",
     "megatron-moe-ext analyze --checkpoint runs/demo/checkpoints --readouts moefication --out runs/demo/moefication":
         "tests/e2e/test_moefication_capture.py (analyze --readouts moefication at EP=2 and EP=1)",
 }

@@ -2,7 +2,7 @@
 a checkpoint: config and tensors (N + M router outputs, the expert-choice thresholds, the ReLU coefficient), the
 export -> import identity and flags round trip, the remote model's routers against their definitions (the causal
 rules; a later token never changes an earlier output), and the native targets' refusals. Megatron's logits against
-the export: tests/e2e/test_hf_routing_variants.py.
+the export: tests/e2e/test_hf_routing_variants_export.py.
 
 Legend: B batch, S sequence, T tokens, N real experts, M null experts, E = N + M router outputs, V vocabulary.
 """
