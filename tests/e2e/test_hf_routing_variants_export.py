@@ -14,6 +14,7 @@ Legend: B batch, S sequence, V (padded) vocabulary.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -46,8 +47,12 @@ TRAIN_FLAGS = [*EC, "--moe-null-experts", "2", "--moe-aux-loss-coeff", "0", "--t
 
 
 def _train(save: str) -> None:
+    from conftest import shared_cache
+
     cmd = [sys.executable, "-m", "megatron_moe_ext", "train", *TRAIN_FLAGS, "--save", save]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False, stdin=subprocess.DEVNULL)
+    env = dict(os.environ, MEGATRON_MOE_EXT_CACHE=shared_cache())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False, stdin=subprocess.DEVNULL,
+                          env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 

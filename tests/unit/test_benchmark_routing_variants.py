@@ -62,7 +62,10 @@ def test_bad_arguments_exit_2(bench, argv, message, capsys) -> None:
 
 
 def test_one_tiny_run_end_to_end(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    from conftest import shared_cache
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "MEGATRON_MOE_EXT_CACHE": shared_cache()}
     out = tmp_path / "results.json"
     md = tmp_path / "results.md"
     proc = subprocess.run(
