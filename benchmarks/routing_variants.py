@@ -9,7 +9,10 @@ average (the accounting's ``expected_active_experts``):
                      loss: balanced by construction; the allgather dispatcher, as for every variable-row router);
 * ``ReMoE``          ReLU gates with the adaptive L1 penalty, target sparsity 1 - 2/4 (allgather dispatcher);
 * ``null experts``   top-4 over 4 real + 4 null experts: 4 x 4/8 = 2 real experts per token under balanced routing
-                     (allgather dispatcher).
+                     (allgather dispatcher);
+* ``token choice top-1``  Megatron's top-1 (with --moe-router-pre-softmax, which Megatron requires there): the
+                     reference at the compute ReMoE reaches on this model (its gates settle near 1 active
+                     expert whatever the target; RESULTS.md).
 
 Every run but expert choice adds ``--moe-balance-metrics`` (expert choice refuses it: every expert takes exactly c
 tokens of each group, MaxVio 0 by construction). Reported per run: the final train loss (Megatron's ``lm loss``, mean of
@@ -48,6 +51,8 @@ VARIANTS: dict[str, list[str]] = {
     "expert choice": ["--moe-router-type", "expert_choice", "--moe-ec-capacity-factor", "1.0", *NO_AUX, *ALLGATHER],
     "ReMoE": ["--moe-router-type", "relu", *ALLGATHER, *METRICS_FLAG],
     "null experts": ["--moe-null-experts", "4", "--moe-router-topk", "4", *ALLGATHER, *METRICS_FLAG],
+    # Token choice at the compute ReMoE settles at on this model (about 1 active expert, not its target 2).
+    "token choice top-1": ["--moe-router-topk", "1", "--moe-router-pre-softmax", *METRICS_FLAG],
 }
 # Metrics read from Megatron's iteration lines (name as logged).
 METRICS = ("lm loss", "max_violation", "active_experts", "null_fraction", "relu_sparsity", "relu_l1_coeff",
@@ -195,9 +200,11 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"iters": args.iters, "seeds": seeds, "last": args.last, "results": by_seed}, fh, indent=1)
         os.replace(args.json + ".tmp", args.json)
     if args.markdown:
-        section = (f"## Routing variants at equal mean compute (CPU, {args.iters} iterations)\n\n"
-                   f"{'; '.join(f'{k}: {v}' for k, v in machine_description().items())}\n\nCommand: `python benchmarks/routing_variants.py --iters {args.iters} "
-                   f"--seeds {','.join(map(str, seeds))}`; train loss and load: mean of the last {args.last} "
+        machine = "; ".join(f"{k}: {v}" for k, v in machine_description().items())
+        subset = "" if names == list(VARIANTS) else f" --variants '{','.join(names)}'"
+        section = (f"## Routing variants at equal mean compute (CPU, {args.iters} iterations)\n\n{machine}\n\n"
+                   f"Command: `python benchmarks/routing_variants.py --iters {args.iters} "
+                   f"--seeds {','.join(map(str, seeds))}{subset}`; train loss and load: mean of the last {args.last} "
                    f"iterations.\n\n{table}\n")
         with open(args.markdown, "a") as fh:
             fh.write(section)

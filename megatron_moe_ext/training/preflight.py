@@ -14,6 +14,7 @@ list once (Megatron's parser, our flags and derivation) and then calls ``preflig
   the CPU runtime gives a rank (``CUDA_DEVICE_MAX_CONNECTIONS=1``, the table's ``cpu-device-arch`` row), only
   while it runs. Whatever it still rejects becomes a usage error quoting Megatron's message (or, for a bare
   assert, the failing line);
+* the model config the ranks build (``TransformerConfig.__post_init__`` and ours), from the validated copy;
 * the LR scheduler's constraints (``OptimizerParamScheduler.__init__`` asserts ``lr_decay_steps > 0`` and
   ``lr_warmup_steps < lr_decay_steps``, in the ranks, as a bare AssertionError);
 * the data: a split with nonzero weight that gets no documents makes Megatron's GPTDataset loop forever
@@ -50,6 +51,7 @@ def preflight(args: argparse.Namespace, *, nproc: int, cpu: bool, allow_fresh_st
         return [n for n in [check_load(args, allow_fresh_start=allow_fresh_start)] if n]
     check_known_cases(args, nproc=nproc, cpu=cpu)
     validated = validate_like_a_rank(args, nproc=nproc, cpu=cpu)
+    check_transformer_config(validated, nproc=nproc, cpu=cpu)
     check_lr_schedule(validated)
     note = check_load(validated, allow_fresh_start=allow_fresh_start)
     return [n for n in [note] if n] + check_data_splits(validated)
@@ -175,6 +177,39 @@ def validate_like_a_rank(args: argparse.Namespace, *, nproc: int, cpu: bool) -> 
             "(megatron/training/arguments.py validate_args)"
         ) from None
     return validated
+
+
+# -- the model config (megatron/core/transformer/transformer_config.py) ---------------------------
+def check_transformer_config(args: argparse.Namespace, *, nproc: int, cpu: bool) -> None:
+    """The ranks' config (``args.config_from_args``: Megatron's ``core_transformer_config_from_args`` with our
+    ``MoEExtConfig``), built once here from the validated copy: ``TransformerConfig.__post_init__`` rejects
+    combinations ``validate_args`` lets through (for example ``--moe-router-topk 1`` with the softmax score
+    function needs ``--moe-router-pre-softmax``), and our config's own checks run there too. Building it runs no
+    tensor op (the launcher must not start torch's thread pool before forking) and touches no process group."""
+    from megatron_moe_ext.args import config_from_args
+    from megatron_moe_ext.integration import installer
+
+    out = io.StringIO()
+    try:
+        with _rank_env(nproc, cpu=cpu), contextlib.redirect_stdout(out), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with installer.temporarily(("cpu-device-arch",) if cpu else ()):
+                config_from_args(copy.deepcopy(args))
+    except (AssertionError, ValueError) as err:
+        frames = traceback.extract_tb(err.__traceback__)
+        message = (str(err) or (frames[-1].line if frames and frames[-1].line else type(err).__name__)).rstrip(".")
+        if "fix:" in message:  # ours: already names the values and the fix
+            raise ValueError(message) from None
+        if "--moe-router-pre-softmax" in message:
+            router = getattr(args, "moe_router_type", None) or "topk"
+            unused = (f" (the {router} router does not read it: Megatron's config asks for it with every top-1)"
+                      if router in ("relu", "expert_choice") else "")
+            raise ValueError(f"Megatron's TransformerConfig rejects --moe-router-topk {args.moe_router_topk}: "
+                             f"{message}; fix: add --moe-router-pre-softmax{unused}") from None
+        raise ValueError(
+            f"Megatron's TransformerConfig rejects these flags: {message}; fix: change the flags it names "
+            "(megatron/core/transformer/transformer_config.py __post_init__)"
+        ) from None
 
 
 # -- the LR scheduler (megatron/core/optimizer_param_scheduler.py) ---------------------------------

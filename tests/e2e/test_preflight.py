@@ -46,6 +46,12 @@ REFUSALS = {
     "megatron_validate_args": (["--context-parallel-size", "2", "--seq-length", "126", "--expert-model-parallel-size",
                                 "1"], "Megatron's validate_args rejects these flags: seq-length should be a multiple of "
                                       "2 * context-parallel-size", "fix:"),
+    # Not one of ours either: TransformerConfig.__post_init__ (in the ranks' model build), quoted.
+    "megatron_transformer_config": (["--moe-router-topk", "1"], "Megatron's TransformerConfig rejects "
+                                    "--moe-router-topk 1: Please use --moe-router-pre-softmax when topk is 1;",
+                                    "fix: add --moe-router-pre-softmax"),
+    "megatron_transformer_config_relu": (["--moe-router-type", "relu", "--moe-router-topk", "1"],
+                                         "fix: add --moe-router-pre-softmax (the relu router does not read it"),
     "load_missing": (["--load", "no/such/dir"], "--load 'no/such/dir' does not exist",
                      "add --ext-allow-fresh-start to start from scratch"),
 }
