@@ -201,7 +201,7 @@ def check_transformer_config(args: argparse.Namespace, *, nproc: int, cpu: bool)
         if "fix:" in message:  # ours: already names the values and the fix
             raise ValueError(message) from None
         if "--moe-router-pre-softmax" in message:
-            router = getattr(args, "moe_router_type", None) or "topk"
+            router = args.moe_router_type
             unused = (f" (the {router} router does not read it: Megatron's config asks for it with every top-1)"
                       if router in ("relu", "expert_choice") else "")
             raise ValueError(f"Megatron's TransformerConfig rejects --moe-router-topk {args.moe_router_topk}: "
