@@ -59,6 +59,8 @@ TEMPLATES = {
         "tests/distributed/test_readouts_parallel.py (the probe options)",
     "megatron-moe-ext dynamics --run runs/dyn/checkpoints --out runs/dyn/dynamics --nproc 2 --ep 2":
         "tests/e2e/test_dynamics_cli.py (a run with three routing checkpoints)",
+    "megatron-moe-ext analyze --checkpoint runs/demo/checkpoints --readouts all --interventions all --nproc 2 --ep 2 "
+    "--out R": "tests/e2e/test_interventions.py::test_readouts_and_interventions_through_the_cli (the same flags)",
     "megatron-moe-ext analyze --checkpoint runs/demo/checkpoints --readouts moefication --out runs/demo/moefication":
         "tests/e2e/test_moefication_capture.py (analyze --readouts moefication at EP=2 and EP=1)",
 }
