@@ -100,27 +100,28 @@ def _nan_to_none(m: np.ndarray) -> list[list[float | None]]:
 
 # -- the trace readout -------------------------------------------------------------------------------------------
 def coactivation_readout(reader: TraceReader) -> dict[str, Any]:
-    """Within-layer and consecutive-layer co-activation of a trace (module docstring); JSON-able."""
+    """Within-layer and consecutive-layer co-activation of a trace (module docstring); JSON-able. Null experts
+    (trace v2) are ids N..N+M-1 here as in the load statistics: a null slot co-activates like any expert."""
     specs = {s.layer: s for s in reader.layers}
-    ok = [l for l, s in specs.items() if s.num_experts <= MAX_EXPERTS]
-    skipped = {l: f"{s.num_experts} experts > {MAX_EXPERTS}: the N x N co-activation counts are not formed"
-               for l, s in specs.items() if s.num_experts > MAX_EXPERTS}
+    ok = [l for l, s in specs.items() if s.num_outputs <= MAX_EXPERTS]
+    skipped = {l: f"{s.num_outputs} experts > {MAX_EXPERTS}: the N x N co-activation counts are not formed"
+               for l, s in specs.items() if s.num_outputs > MAX_EXPERTS}
     if not ok:
         return {"not_applicable": "no traced layer has at most "
                                   f"{MAX_EXPERTS} experts (" + "; ".join(f"layer {l}: {r}" for l, r in skipped.items())
                                   + ")"}
     layers = sorted(specs)
     across_pairs = [(a, b) for a, b in zip(layers, layers[1:]) if a in ok and b in ok]
-    within = {l: np.zeros((specs[l].num_experts, specs[l].num_experts), np.int64) for l in ok}
-    across = {(a, b): np.zeros((specs[a].num_experts, specs[b].num_experts), np.int64) for a, b in across_pairs}
+    within = {l: np.zeros((specs[l].num_outputs, specs[l].num_outputs), np.int64) for l in ok}
+    across = {(a, b): np.zeros((specs[a].num_outputs, specs[b].num_outputs), np.int64) for a, b in across_pairs}
     tokens = 0
     for chunk in reader.iter_chunks(ok):
         sets = {l: selection_sets(chunk.layers[l].expert_ids_TK) for l in ok}
         tokens += chunk.num_tokens
         for l in ok:
-            within[l] += pair_counts(sets[l], sets[l], specs[l].num_experts, specs[l].num_experts)
+            within[l] += pair_counts(sets[l], sets[l], specs[l].num_outputs, specs[l].num_outputs)
         for a, b in across_pairs:
-            across[(a, b)] += pair_counts(sets[a], sets[b], specs[a].num_experts, specs[b].num_experts)
+            across[(a, b)] += pair_counts(sets[a], sets[b], specs[a].num_outputs, specs[b].num_outputs)
     out_layers = []
     for l in ok:
         n = within[l]
@@ -128,7 +129,8 @@ def coactivation_readout(reader: TraceReader) -> dict[str, Any]:
         shown = busiest(n_i)
         p = conditional_coactivation(n, n_i)
         out_layers.append({
-            "layer": l, "num_experts": specs[l].num_experts, "top_k": specs[l].top_k, "tokens": tokens,
+            "layer": l, "num_experts": specs[l].num_experts, "null_experts": specs[l].null_experts,
+            "top_k": specs[l].top_k, "tokens": tokens,
             "top_pairs": top_pairs(n, n_i, n_i, tokens, within=True),
             "shown_experts": shown.tolist(),
             "p_j_given_i": _nan_to_none(p[np.ix_(shown, shown)]),
@@ -201,7 +203,9 @@ def report_section(result: dict[str, Any], figures_dir: str) -> str:
               f"joint tokens; the figure shows the {SHOWN_EXPERTS} busiest experts of each layer.", "",
               "![co-activation](figures/coactivation.png)", ""]
     for x in result["layers"]:
-        lines += [f"### Layer {x['layer']} ({x['num_experts']} experts, top-{x['top_k']}, {x['tokens']} tokens)", ""]
+        nulls = f" + {x['null_experts']} null (ids from {x['num_experts']})" if x.get("null_experts") else ""
+        lines += [f"### Layer {x['layer']} ({x['num_experts']} experts{nulls}, top-{x['top_k']}, {x['tokens']} tokens)",
+                  ""]
         lines += (_pairs_table(x["top_pairs"]) if x["top_pairs"] else ["No pair reaches the token minimum."]) + [""]
     for x in result["across"]:
         lines += [f"### Layer {x['layer_a']} -> layer {x['layer_b']}", ""]

@@ -31,6 +31,11 @@ recomputed here. What each intervention does:
 * ``layer_copy``: layer DST returns the routing layer SRC returned for the same token in the clean pass (the
   same expert count and k): does a layer's own routing matter, or only that tokens are routed?
 
+Routers with variable experts per token (expert choice, ReLU; null experts under any router): expert ablation,
+random routing and layer copy apply as written (a gate, a row, a layer's rows; with random routing "its k" is the
+token's own number of selections). ``topk_change`` does not (expert choice's k is a capacity, ReLU has none) and
+neither does ``frozen_paths`` (a token may have no expert, so no top-1 path).
+
 PEER layers expose their selections to one observer (the routing recorder) and return only their output: no
 intervention changes them; they are listed as not applicable in each result.
 
@@ -90,6 +95,12 @@ def router_sites(model: torch.nn.Module) -> tuple[list[RouterSite], list[int]]:
         elif isinstance(module, PEERLayer):
             peers.append(int(module.layer_number))
     return sorted(sites, key=lambda s: s.layer), sorted(peers)
+
+
+def real_experts(router: torch.nn.Module) -> int:
+    """The experts a router's (probs, map) columns address: N, also with null experts (whose router config
+    counts N + M outputs; layers/null_experts.py)."""
+    return int(getattr(router, "num_real_experts", router.config.num_moe_experts))
 
 
 def all_reduce_ints(values: list[int], op: Any = None) -> list[int]:
@@ -207,7 +218,8 @@ class _Intervention:
     """Shared machinery: router hooks armed with one variant at a time, loss records, the result layout."""
 
     description = ""
-    applies_to: tuple[str, ...] = ("topk", "product_key")
+    # Router types (settings.router.ROUTER_TYPES) whose (probs, map) the intervention's change is defined on.
+    applies_to: tuple[str, ...] = ("topk", "product_key", "expert_choice", "relu")
 
     def __init__(self, name: str, env: RankEnv) -> None:
         self.name = name
@@ -222,6 +234,9 @@ class _Intervention:
         self.handles: list[Any] = []
         self.records: _LossRecords | None = None
         self.not_applicable: str | None = None
+        # Nothing to calibrate unless make_variants says so (expert ablation of the busiest, frozen paths); an
+        # intervention that does not apply is never calibrated.
+        self.calibrated = True
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def attach(self, model: torch.nn.Module, env: RankEnv) -> None:
@@ -240,7 +255,7 @@ class _Intervention:
         for site in self.sites if self.not_applicable is None else ():
             self.handles.append(site.module.register_forward_hook(self._hook(site)))
         self.records = _LossRecords(env, len(self.variants))
-        self.needs_calibration = self.not_applicable is None and not getattr(self, "calibrated", True)
+        self.needs_calibration = self.not_applicable is None and not self.calibrated
 
     def detach(self) -> None:
         for h in self.handles:
@@ -369,7 +384,7 @@ class ExpertAblation(_Intervention):
             out.append({"name": f"top-{m} busiest experts of every router layer", "top_m": m, "_": {}})
         for layer in o.ablate_layers:
             if layer in layers:
-                n = layers[layer].module.config.num_moe_experts
+                n = real_experts(layers[layer].module)
                 out.append({"name": f"layer {layer}: all routed experts", "layer": layer, "_": {layer: list(range(n))}})
         self.needs_load = bool(o.ablate_top_m)
         self.pending: dict[int, torch.Tensor] = {}
@@ -410,7 +425,7 @@ class ExpertAblation(_Intervention):
         # on exactly one rank: its data-parallel share, its SP slice).
         for site in self.sites:
             c = self.counts.get(site.layer)
-            c = torch.zeros(site.module.config.num_moe_experts, dtype=torch.int64) if c is None else c
+            c = torch.zeros(real_experts(site.module), dtype=torch.int64) if c is None else c
             self.loads[site.layer] = all_reduce_ints(c.tolist())
         for v in self.variants:
             if "top_m" in v:
@@ -538,6 +553,21 @@ class FrozenPaths(_Intervention):
                    "allowed paths layer by layer, taking the allowed next expert its router gates highest (or, "
                    "when none is selected, that of the most frequent allowed path) as its top-1")
 
+    applies_to = ("topk", "product_key")
+
+    def kind_reason(self, site: RouterSite) -> str:
+        return (f"router type {site.kind!r}: a token may get no expert or several without an order, so its top-1 "
+                "path is not defined")
+
+    def check(self, model: torch.nn.Module) -> str | None:
+        from megatron_moe_ext.settings.access import ext_settings
+
+        nulls = [s.layer for s in self.sites if ext_settings(s.module.config).router.null_experts > 0]
+        if nulls:
+            return (f"null experts in router layers {nulls}: a token routed only to null experts has no top-1 "
+                    "expert, so its path is not defined")
+        return super().check(model)
+
     def make_variants(self) -> list[dict[str, Any]]:
         self.order = {s.layer: i for i, s in enumerate(self.sites)}
         self.local_top1: list[torch.Tensor] = []
@@ -643,7 +673,7 @@ class LayerCopy(_Intervention):
             if src not in by_layer or dst not in by_layer:
                 continue
             a, b = by_layer[src].module, by_layer[dst].module
-            if a.config.num_moe_experts != b.config.num_moe_experts or a.topk != b.topk:
+            if (real_experts(a), a.config.num_moe_experts, a.topk) != (real_experts(b), b.config.num_moe_experts, b.topk):
                 self.skipped[f"{src}:{dst}"] = "different expert counts or top-k"
                 continue
             out.append({"name": f"layer {dst} routed as layer {src}", "src": src, "dst": dst, "_": (src, dst)})

@@ -62,6 +62,23 @@ def test_pair_counts_count_each_expert_once_per_token() -> None:
     assert np.diag(n).tolist() == [1, 1, 2] and n[1, 2] == n[2, 1] == 1 and n[0, 2] == 1 and n[0, 1] == 0
 
 
+def test_coactivation_counts_null_experts_and_skips_empty_slots(tmp_path) -> None:
+    """Trace v2: 3 real + 1 null expert (id 3), rows padded with -1 (variable experts per token). 40 tokens pick
+    {0, 3 (null)}, 20 pick {1} alone, 10 pick {0, 1}: n_0 = 50, n_3 = 40, P(3 | 0) = 40/50, P(0 | 1) = 10/30."""
+    ids = np.array([[0, 3]] * 40 + [[1, -1]] * 20 + [[1, 0]] * 10)
+    T = ids.shape[0]
+    with TraceWriter(tmp_path / "t", [LayerSpec(1, 3, 2, null_experts=1, variable=True)]) as w:
+        w.append(np.arange(T), np.arange(T), np.zeros(T, np.int64), {1: (ids, np.where(ids >= 0, 0.5, 0.0))})
+    result = coactivation.coactivation_readout(TraceReader(tmp_path / "t"))
+    (l1,) = result["layers"]
+    assert l1["null_experts"] == 1 and l1["shown_experts"] == [0, 1, 2, 3]
+    p = np.array(l1["p_j_given_i"], dtype=float)
+    assert p[0, 3] == pytest.approx(40 / 50) and p[3, 0] == 1.0 and p[1, 0] == pytest.approx(10 / 30)
+    assert np.isnan(p[2, 2])  # expert 2: never selected
+    assert "(3 experts + 1 null (ids from 3), top-2, 70 tokens)" in coactivation.report_section(
+        result, str(tmp_path / "f"))
+
+
 def test_coactivation_refuses_huge_layers(tmp_path) -> None:
     with TraceWriter(tmp_path / "t", [LayerSpec(1, 4096, 2)]) as w:
         w.append(np.arange(3), np.arange(3), np.zeros(3, np.int64), {1: (np.array([[0, 1]] * 3), np.ones((3, 2)))})
