@@ -36,7 +36,9 @@ from megatron_moe_ext.analysis.trace_format import TraceReader
 def topk_overlap(ids_TK: np.ndarray, final_ids_TK: np.ndarray) -> np.ndarray:
     """overlap_T: |set(ids[t]) ∩ set(final[t])| / |set(final[t])| per token, the order of the K columns ignored
     (OLMoE, arXiv 2409.02060 sec. 5.1; for a router's K distinct experts the denominator is K). Duplicates in a
-    row (PEER heads that pick the same expert) count once, so a trace against itself gives 1. Both [T, K]."""
+    row (PEER heads that pick the same expert) count once, so a trace against itself gives 1. Empty slots
+    (``EMPTY_SLOT`` = -1, the padding of routers with variable experts per token) are no selection: the sets
+    are the real and null ids of each row, and a token the final checkpoint routes nowhere gets NaN. Both [T, K]."""
     a, b = np.asarray(ids_TK), np.asarray(final_ids_TK)
     if a.ndim != 2 or a.shape != b.shape:
         raise ValueError(f"topk_overlap: shapes {a.shape} and {b.shape}; fix: two [T, K] arrays of the same shape "
@@ -45,18 +47,22 @@ def topk_overlap(ids_TK: np.ndarray, final_ids_TK: np.ndarray) -> np.ndarray:
     if K == 0:
         raise ValueError("topk_overlap: K = 0 selections per token; nothing to compare")
     b_s = np.sort(b, axis=1)
-    # Distinct ids of each final row (a sorted row's first occurrences), each looked up in the other row: a
-    # [T, K, K] comparison, fine for the K of a router (<= a few hundred).
+    # Distinct ids of each final row (a sorted row's first occurrences, empty slots left out), each looked up in
+    # the other row: a [T, K, K] comparison, fine for the K of a router (<= a few hundred).
     first_TK = np.ones((T, K), dtype=bool)
     first_TK[:, 1:] = b_s[:, 1:] != b_s[:, :-1]
+    first_TK &= b_s >= 0
     hit_TK = (b_s[:, :, None] == a[:, None, :]).any(axis=2) & first_TK
-    return hit_TK.sum(axis=1) / first_TK.sum(axis=1)
+    size_T = first_TK.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(size_T > 0, hit_TK.sum(axis=1) / np.maximum(size_T, 1), np.nan)
 
 
 def router_saturation(ids_TK: np.ndarray, final_ids_TK: np.ndarray) -> float:
-    """Mean of :func:`topk_overlap` over tokens: the share of a checkpoint's selections the final checkpoint
-    makes too (OLMoE, arXiv 2409.02060 sec. 5.1). NaN for no tokens."""
+    """Mean of :func:`topk_overlap` over the tokens the final checkpoint routes somewhere: the share of the final
+    checkpoint's selections the checkpoint makes too (OLMoE, arXiv 2409.02060 sec. 5.1). NaN for no such token."""
     o_T = topk_overlap(ids_TK, final_ids_TK)
+    o_T = o_T[~np.isnan(o_T)]
     return float(o_T.mean()) if o_T.size else float("nan")
 
 
@@ -95,16 +101,18 @@ def trace_saturation(trace_dir: str | os.PathLike[str],
         raise TraceMismatchError(f"{ra.path!r} holds {ra.num_tokens} tokens, {rf.path!r} {rf.num_tokens}; fix: "
                                  f"capture both on the same windows with the same sampling")
     sums = {l: 0.0 for l in layers}
-    tokens = 0
+    counted = {l: 0 for l in layers}  # tokens the final checkpoint routes somewhere in layer l
     for ca, cf in zip(ra.iter_chunks(layers), rf.iter_chunks(layers), strict=True):
         if ca.num_tokens != cf.num_tokens or not (np.array_equal(ca.token_ids_T, cf.token_ids_T)
                                                    and np.array_equal(ca.sequence_ids_T, cf.sequence_ids_T)):
             raise TraceMismatchError(f"{ra.path!r} and {rf.path!r} differ in chunk {ca.index} (tokens or "
                                      f"chunking); fix: capture both on the same windows with the same sampling")
         for l in layers:
-            sums[l] += float(topk_overlap(ca.layers[l].expert_ids_TK, cf.layers[l].expert_ids_TK).sum())
-        tokens += ca.num_tokens
-    return {l: (sums[l] / tokens if tokens else float("nan")) for l in layers}
+            o_T = topk_overlap(ca.layers[l].expert_ids_TK, cf.layers[l].expert_ids_TK)
+            routed_T = ~np.isnan(o_T)
+            sums[l] += float(o_T[routed_T].sum())
+            counted[l] += int(routed_T.sum())
+    return {l: (sums[l] / counted[l] if counted[l] else float("nan")) for l in layers}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -143,7 +143,9 @@ def write_dynamics_report(trace_dirs: dict[int, str], out_dir: str, *, run: str,
     summaries = {it: summarize_trace(d, progress=progress) for it, d in trace_dirs.items()}
     points = dynamics_curves(summaries, trace_dirs, final_iteration=final_iteration,
                              tokens_per_iteration=tokens_per_iteration)
-    chance = {l.layer: chance_saturation(min(l.top_k, l.num_experts), l.num_experts)
+    # k / N over the router's N + M outputs; none for variable experts per token (no fixed k).
+    chance = {l.layer: None if l.variable else chance_saturation(min(l.top_k, l.num_experts + l.null_experts),
+                                                                 l.num_experts + l.null_experts)
               for l in summaries[final_iteration].layers}
     doc = {"format": "megatron_moe_ext.dynamics_report", "version": 1, "run": run,
            "num_tokens": summaries[final_iteration].num_tokens,

@@ -39,6 +39,30 @@ def test_topk_overlap_known_answers():
         topk_overlap(a_TK, b_TK[:, :2])
 
 
+def test_overlap_of_variable_rows_ignores_empty_slots():
+    """Routers with variable experts per token pad rows with -1: padding is no selection. Final rows {0}, {1, 2},
+    {} (routed nowhere: left out of the mean), {3}; the checkpoint {1}, {2}, {0, 1, 2}, {3}."""
+    a_TK = np.array([[1, -1, -1], [2, -1, -1], [0, 1, 2], [3, -1, -1]])
+    b_TK = np.array([[0, -1, -1], [2, 1, -1], [-1, -1, -1], [3, -1, -1]])
+    o_T = topk_overlap(a_TK, b_TK)
+    np.testing.assert_allclose(o_T[[0, 1, 3]], [0.0, 0.5, 1.0])
+    assert np.isnan(o_T[2])
+    assert router_saturation(a_TK, b_TK) == pytest.approx(0.5)
+
+
+def test_trace_saturation_of_variable_rows(tmp_path):
+    """The same rows as above through traces (variable layer, rows padded with -1): the token the final checkpoint
+    routes nowhere is left out instead of making the layer's saturation NaN."""
+    a_TK = np.array([[1, -1, -1], [2, -1, -1], [0, 1, 2], [3, -1, -1]])
+    b_TK = np.array([[0, -1, -1], [2, 1, -1], [-1, -1, -1], [3, -1, -1]])
+    for name, ids in (("a", a_TK), ("b", b_TK)):
+        with TraceWriter(tmp_path / name, [LayerSpec(1, 4, 3, variable=True)]) as w:
+            w.append(np.arange(4), np.zeros(4, np.int64), np.zeros(4, np.int64),
+                     {1: (ids, np.where(ids >= 0, 0.5, 0.0))})
+    assert trace_saturation(tmp_path / "a", tmp_path / "b") == {1: pytest.approx(0.5)}
+    assert trace_saturation(tmp_path / "b", tmp_path / "b") == {1: 1.0}
+
+
 def test_independent_routing_saturates_at_chance():
     rng = np.random.default_rng(0)
     a_TK = np.stack([rng.choice(N, K, replace=False) for _ in range(T)])
