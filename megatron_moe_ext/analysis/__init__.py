@@ -12,8 +12,9 @@
   (one rank) and :mod:`~megatron_moe_ext.analysis.cli` (``analyze`` / ``compare``).
 
 * Instruments that ride along with capture (:mod:`~megatron_moe_ext.analysis.instrument_api` is their contract):
-  interventions (:mod:`~megatron_moe_ext.analysis.interventions`), readouts (:mod:`~megatron_moe_ext.analysis.logit_lens`,
-  :mod:`~megatron_moe_ext.analysis.probes`, :mod:`~megatron_moe_ext.analysis.coactivation` from the trace) and
+  interventions (:mod:`~megatron_moe_ext.analysis.interventions`), readouts
+  (:mod:`~megatron_moe_ext.analysis.logit_lens`, :mod:`~megatron_moe_ext.analysis.probes`,
+  :mod:`~megatron_moe_ext.analysis.coactivation` from the trace) and
   :mod:`~megatron_moe_ext.analysis.moefication`; training dynamics (:mod:`~megatron_moe_ext.analysis.dynamics`,
   ``megatron-moe-ext dynamics``) and the five-question report (:mod:`~megatron_moe_ext.analysis.questions_report`).
 

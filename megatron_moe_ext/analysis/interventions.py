@@ -673,7 +673,8 @@ class LayerCopy(_Intervention):
             if src not in by_layer or dst not in by_layer:
                 continue
             a, b = by_layer[src].module, by_layer[dst].module
-            if (real_experts(a), a.config.num_moe_experts, a.topk) != (real_experts(b), b.config.num_moe_experts, b.topk):
+            if (real_experts(a), a.config.num_moe_experts, a.topk) != (real_experts(b), b.config.num_moe_experts,
+                                                                         b.topk):
                 self.skipped[f"{src}:{dst}"] = "different expert counts or top-k"
                 continue
             out.append({"name": f"layer {dst} routed as layer {src}", "src": src, "dst": dst, "_": (src, dst)})

@@ -145,6 +145,26 @@ def _rank_env(nproc: int, *, cpu: bool):
                 os.environ[key] = value
 
 
+@contextlib.contextmanager
+def _as_rank_zero(nproc: int, *, cpu: bool, out: io.StringIO):
+    """What a rank's argument checks see, for the duration of one check in the launcher: the rank environment,
+    stdout captured in ``out`` and warnings silenced (the ranks print the same arguments and warnings again; once
+    there is enough) and, without CUDA, the integration table's cpu-device-arch row (the ranks install it with the
+    CPU runtime, which the launcher does not enable: validate_args asks the arch of cuda:0 under TP/CP > 1)."""
+    from megatron_moe_ext.integration import installer
+
+    with _rank_env(nproc, cpu=cpu), contextlib.redirect_stdout(out), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with installer.temporarily(("cpu-device-arch",) if cpu else ()):
+            yield
+
+
+def _quoted(err: BaseException) -> str:
+    """The error's message; many of Megatron's asserts have none, so then the failing line."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return str(err) or (frames[-1].line if frames and frames[-1].line else type(err).__name__)
+
+
 def validate_like_a_rank(args: argparse.Namespace, *, nproc: int, cpu: bool) -> argparse.Namespace:
     """Megatron's ``validate_args`` on a copy of ``args`` as rank 0 of ``nproc`` sees it; returns the copy.
 
@@ -152,28 +172,17 @@ def validate_like_a_rank(args: argparse.Namespace, *, nproc: int, cpu: bool) -> 
     only fills in ``args``: no process group, no globals (``set_global_variables`` is not called)."""
     from megatron.training import arguments
 
-    from megatron_moe_ext.integration import installer
-
     validated = copy.deepcopy(args)
     validated.world_size, validated.rank = nproc, 0
     out = io.StringIO()
     try:
-        with _rank_env(nproc, cpu=cpu), contextlib.redirect_stdout(out), warnings.catch_warnings():
-            # The ranks print the same arguments and warnings again; once there is enough.
-            warnings.simplefilter("ignore")
-            # Without CUDA, the integration table's cpu-device-arch row for the duration of the check (the ranks
-            # install it with the CPU runtime, which the launcher does not enable): validate_args asks the arch
-            # of cuda:0 under TP/CP > 1.
-            with installer.temporarily(("cpu-device-arch",) if cpu else ()):
-                arguments.validate_args(validated, {})
+        with _as_rank_zero(nproc, cpu=cpu, out=out):
+            arguments.validate_args(validated, {})
     except SystemExit:
         raise ValueError(f"Megatron's validate_args exited: {out.getvalue().strip()[-500:]}") from None
     except (AssertionError, ValueError, RuntimeError, TypeError, KeyError) as err:
-        # Many of Megatron's asserts have no message: quote the failing line instead.
-        frames = traceback.extract_tb(err.__traceback__)
-        message = str(err) or (frames[-1].line if frames and frames[-1].line else type(err).__name__)
         raise ValueError(
-            f"Megatron's validate_args rejects these flags: {message}; fix: change the flags it names "
+            f"Megatron's validate_args rejects these flags: {_quoted(err)}; fix: change the flags it names "
             "(megatron/training/arguments.py validate_args)"
         ) from None
     return validated
@@ -187,17 +196,12 @@ def check_transformer_config(args: argparse.Namespace, *, nproc: int, cpu: bool)
     function needs ``--moe-router-pre-softmax``), and our config's own checks run there too. Building it runs no
     tensor op (the launcher must not start torch's thread pool before forking) and touches no process group."""
     from megatron_moe_ext.args import config_from_args
-    from megatron_moe_ext.integration import installer
 
-    out = io.StringIO()
     try:
-        with _rank_env(nproc, cpu=cpu), contextlib.redirect_stdout(out), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with installer.temporarily(("cpu-device-arch",) if cpu else ()):
-                config_from_args(copy.deepcopy(args))
+        with _as_rank_zero(nproc, cpu=cpu, out=io.StringIO()):
+            config_from_args(copy.deepcopy(args))
     except (AssertionError, ValueError) as err:
-        frames = traceback.extract_tb(err.__traceback__)
-        message = (str(err) or (frames[-1].line if frames and frames[-1].line else type(err).__name__)).rstrip(".")
+        message = _quoted(err).rstrip(".")
         if "fix:" in message:  # ours: already names the values and the fix
             raise ValueError(message) from None
         if "--moe-router-pre-softmax" in message:
