@@ -19,17 +19,27 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 BATCH_CHOICE_LOSS_KEY = "lm loss (batch choice)"
+_NOTICES: set[str] = set()
 
 
 def reports_batch_choice(model: Any) -> bool:
     """An evaluation step of ``model`` reports the batch-choice loss: eval mode, expert-choice routers, one
-    pipeline stage (the second pass would need its own pipeline schedule)."""
+    pipeline stage (the second pass would need its own pipeline schedule; with several, a notice says so once).
+    Shared by this row and ``megatron-moe-ext train``'s forward step (``training/gpt_step.py``)."""
+    import torch
     from megatron.core import parallel_state as ps
 
     from megatron_moe_ext.layers.expert_choice_router import expert_choice_routers
 
-    return (not model.training and ps.get_pipeline_model_parallel_world_size() == 1
-            and bool(expert_choice_routers(model)))
+    if model.training or not expert_choice_routers(model):
+        return False
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        if "pp" not in _NOTICES and torch.distributed.get_rank() == 0:
+            print("note: with pipeline parallelism the evaluation reports the causal-rule loss of the expert-choice "
+                  f"routers only (no '{BATCH_CHOICE_LOSS_KEY}')", flush=True)
+        _NOTICES.add("pp")
+        return False
+    return True
 
 
 class _Recording:

@@ -33,10 +33,9 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.training import get_args, get_tokenizer
 from megatron.training.utils.common_utils import get_blend_and_blend_per_split
 
-from megatron_moe_ext.layers.expert_choice_router import batch_choice, expert_choice_routers
+from megatron_moe_ext.integration.eval_batch_choice import BATCH_CHOICE_LOSS_KEY, reports_batch_choice
+from megatron_moe_ext.layers.expert_choice_router import batch_choice
 
-BATCH_CHOICE_LOSS_KEY = "lm loss (batch choice)"
-_NOTICES: set[str] = set()
 
 _LOSS_LOG: dict[str, Any] = {"path": None, "file": None}
 
@@ -108,20 +107,6 @@ def loss_func(loss_mask_BS: torch.Tensor, output_tensor: torch.Tensor, *, traini
         batch_sum = torch.sum(batch_choice_output.detach().float().view(-1) * mask)
         report[BATCH_CHOICE_LOSS_KEY] = torch.cat([batch_sum.view(1), num_tokens.float().view(1)])
     return loss_sum, num_tokens, report
-
-
-def reports_batch_choice(model: torch.nn.Module) -> bool:
-    """An evaluation forward of ``model`` also reports the batch-choice loss: it is in eval mode, has
-    expert-choice routers, and runs on one pipeline stage."""
-    if model.training or not expert_choice_routers(model):
-        return False
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        if "pp" not in _NOTICES and torch.distributed.get_rank() == 0:
-            print("note: with pipeline parallelism the evaluation reports the causal-rule loss of the expert-choice "
-                  f"routers only (no '{BATCH_CHOICE_LOSS_KEY}')", flush=True)
-        _NOTICES.add("pp")
-        return False
-    return True
 
 
 def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module, return_schedule_plan: bool = False):
